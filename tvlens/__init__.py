@@ -1,0 +1,31 @@
+"""tvlens: mechanistic interpretability of task vectors.
+
+Get a task vector (extracted, learned or adaptive), inject it at any layers and
+positions, evaluate it, and explain its effect. The core, in one import::
+
+    import tvlens
+    model = tvlens.load_model()                       # SmolLM2-135M, embedded
+    task = tvlens.load_task("antonym")
+    print(tvlens.evaluate(model, task, shots=5))      # ICL accuracy with a 95% CI
+    tv = tvlens.icl_task_vector(model, task, layers=12)
+    print(tvlens.evaluate(model, task, vector=tv))    # zero-shot + task vector
+"""
+
+from tvlens.errors import TvlensError
+from tvlens.evaluation import EvalResult, evaluate
+from tvlens.extract import icl_task_vector
+from tvlens.injection import InjectionSpec, forward, injected, injection_hooks, resid_hook_name
+from tvlens.models import ModelFingerprint, fingerprint, list_models, load_model, tiny_model
+from tvlens.prompts import TEMPLATES, Example, PromptBatch, Template, make_examples, tokenize
+from tvlens.tasks import Task, builtin_task_names, load_task, load_task_file
+from tvlens.vector import TaskVector
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TEMPLATES", "EvalResult", "Example", "InjectionSpec", "ModelFingerprint", "PromptBatch",
+    "Task", "TaskVector", "Template", "TvlensError", "builtin_task_names", "evaluate",
+    "fingerprint", "forward", "icl_task_vector", "injected", "injection_hooks",
+    "list_models", "load_model", "load_task", "load_task_file", "make_examples",
+    "resid_hook_name", "tiny_model", "tokenize",
+]

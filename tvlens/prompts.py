@@ -1,0 +1,367 @@
+"""Prompts, left-padded batches, positions and answers.
+
+A *template* formats one demonstration, e.g. ``"{x} -> {y}\\n"``. An ICL prompt is K
+demonstrations then the query, cut at the separator: ``"{x} ->"``. Whitespace between
+the separator and ``{y}`` belongs to the answer (``" Paris"``), so answers are scored
+with their leading space, as in all five papers.
+
+Batches are **left-padded** with an attention mask. Every position is resolved per
+example through the mask — never assumed to be column ``-1`` of an unpadded row:
+
+============  ===========================================================
+spec          meaning, for a prompt of ``n`` real tokens in a row of ``T``
+============  ===========================================================
+``"last"``    the prompt's last token (same as ``-1``)
+``-k``        the k-th token from the end of the prompt
+``i >= 0``    the prompt's i-th real token (0 is BOS when the tokenizer adds one)
+``"separator"``  the first token after the query's input ``x`` (the ``" ->"`` of
+              ``"{x} ->"``, the ``"\\n"`` of ``"Q: {x}\\nA:"``)
+``"all"``     every real token
+============  ===========================================================
+
+Answers carry the full token ids (for multi-token scoring and teacher forcing) and
+the first token (the papers' metric). They are tokenized *in context* — the ids the
+prompt + answer string gets beyond the prompt's own ids — so tokenizers that merge
+or prefix spaces differently (BPE vs SentencePiece) agree with what the model reads.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from tvlens.errors import TvlensError
+from tvlens.tasks.task import Pair
+
+Position = Union[int, str]
+NAMED_POSITIONS = ("last", "separator", "all")
+
+
+@dataclass(frozen=True)
+class Template:
+    """How one demonstration is written; the query is the demonstration cut before ``{y}``.
+
+    Args:
+        demo: must contain ``{x}`` then ``{y}`` once each.
+        prefix: text before the first demonstration (an instruction, say).
+    """
+
+    demo: str = "{x} -> {y}\n"
+    prefix: str = ""
+
+    def __post_init__(self) -> None:
+        ix, iy = self.demo.find("{x}"), self.demo.find("{y}")
+        if ix < 0 or iy < 0 or self.demo.count("{x}") != 1 or self.demo.count("{y}") != 1:
+            raise TvlensError(
+                f"template {self.demo!r} must contain {{x}} and {{y}} exactly once each"
+            )
+        if iy < ix:
+            raise TvlensError(f"template {self.demo!r} must put {{x}} before {{y}}")
+
+    @property
+    def _before_y(self) -> str:
+        return self.demo[: self.demo.find("{y}")]
+
+    @property
+    def answer_prefix(self) -> str:
+        """Trailing whitespace before ``{y}``: it belongs to the answer (``" Paris"``)."""
+        before = self._before_y
+        return before[len(before.rstrip(" ")) :]
+
+    def format_demo(self, x: str, y: str) -> str:
+        return self.demo.replace("{x}", x).replace("{y}", y)
+
+    def format_query(self, x: str) -> str:
+        return self._before_y.rstrip(" ").replace("{x}", x)
+
+    def format_answer(self, y: str) -> str:
+        return self.answer_prefix + y
+
+    def prompt(self, demos: Sequence[Pair], x: str) -> str:
+        return self.prefix + "".join(self.format_demo(a, b) for a, b in demos) + self.format_query(x)
+
+    def text_before_separator(self, demos: Sequence[Pair], x: str) -> str:
+        """The prompt up to the end of the query input ``x`` (for ``"separator"``)."""
+        query = self._before_y.rstrip(" ")
+        return self.prefix + "".join(self.format_demo(a, b) for a, b in demos) + query[
+            : query.find("{x}")
+        ] + x
+
+
+TEMPLATES: dict[str, Template] = {
+    "arrow": Template("{x} -> {y}\n"),  # Hendel et al.
+    "qa": Template("Q: {x}\nA: {y}\n\n"),  # Todd et al.
+}
+
+
+def get_template(template: str | Template) -> Template:
+    """A :class:`Template`, a registered name (``"arrow"``, ``"qa"``) or a demo string."""
+    if isinstance(template, Template):
+        return template
+    if template in TEMPLATES:
+        return TEMPLATES[template]
+    if "{x}" in template:
+        return Template(template)
+    raise TvlensError(
+        f"unknown template {template!r}: use one of {sorted(TEMPLATES)} or a string with {{x}} and {{y}}"
+    )
+
+
+@dataclass(frozen=True)
+class Example:
+    """One query with its demonstrations (empty for zero-shot)."""
+
+    x: str
+    y: str
+    demos: tuple[Pair, ...] = ()
+
+
+def make_examples(
+    queries: Sequence[Pair],
+    demo_pool: Sequence[Pair] = (),
+    *,
+    shots: int = 0,
+    seed: int = 0,
+    shuffle_labels: bool = False,
+) -> list[Example]:
+    """Attach ``shots`` demonstrations, sampled from ``demo_pool``, to each query.
+
+    Demonstrations never contain the query's own input. ``shuffle_labels`` permutes
+    the outputs among the demonstrations (inputs keep their order; a non-identity
+    permutation when ``shots > 1``), as Todd et al.'s indirect-effect prompts need.
+    Sampling is seeded: the same arguments give the same prompts.
+    """
+    if shots < 0:
+        raise TvlensError(f"shots must be >= 0, got {shots}")
+    if len(queries) == 0:
+        raise TvlensError("no queries to build prompts for (is the split empty?)")
+    if shots and len({x for x, _ in demo_pool}) - 1 < shots:
+        raise TvlensError(
+            f"{shots} shots need at least {shots + 1} distinct demonstration pairs, but the "
+            f"demonstration split holds {len(demo_pool)}; use fewer shots or a larger task"
+        )
+    rng = random.Random(seed)
+    examples = []
+    for x, y in queries:
+        demos: list[Pair] = []
+        if shots:
+            candidates = [p for p in demo_pool if p[0] != x]
+            demos = rng.sample(candidates, shots)
+            if shuffle_labels and shots > 1:
+                labels = [b for _, b in demos]
+                for _ in range(20):
+                    perm = rng.sample(labels, len(labels))
+                    if perm != labels:
+                        break
+                demos = [(a, b) for (a, _), b in zip(demos, perm)]
+        examples.append(Example(x, y, tuple(demos)))
+    return examples
+
+
+@dataclass
+class PromptBatch:
+    """A left-padded batch of prompts with their answers.
+
+    Attributes:
+        input_ids: ``[batch, seq]`` token ids, pad on the left.
+        attention_mask: ``[batch, seq]``, 1 on real tokens.
+        examples: the examples the rows were built from.
+        prompts: the prompt strings.
+        answer_ids: per row, the answer's token ids (at least one).
+        separator_index: per row, the ``"separator"`` position as an index into the
+            row's real tokens.
+    """
+
+    input_ids: Int[Tensor, "batch seq"]
+    attention_mask: Int[Tensor, "batch seq"]
+    examples: list[Example]
+    prompts: list[str]
+    answer_ids: list[list[int]]
+    separator_index: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def lengths(self) -> Int[Tensor, " batch"]:
+        """Number of real tokens per row."""
+        return self.attention_mask.sum(dim=1)
+
+    @property
+    def first_answer_ids(self) -> Int[Tensor, " batch"]:
+        return torch.tensor([ids[0] for ids in self.answer_ids], device=self.input_ids.device)
+
+    def to(self, device) -> PromptBatch:
+        return replace(self, input_ids=self.input_ids.to(device),
+                       attention_mask=self.attention_mask.to(device))
+
+    def select(self, rows: Sequence[int]) -> PromptBatch:
+        """The sub-batch of ``rows`` (kept left-padded to this batch's width)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        return PromptBatch(
+            self.input_ids[idx.to(self.input_ids.device)],
+            self.attention_mask[idx.to(self.input_ids.device)],
+            [self.examples[i] for i in rows],
+            [self.prompts[i] for i in rows],
+            [self.answer_ids[i] for i in rows],
+            [self.separator_index[i] for i in rows] if self.separator_index else [],
+        )
+
+    def position_index(self, spec: Position) -> Int[Tensor, " batch"]:
+        """Column of position ``spec`` in every row (one per row; not ``"all"``).
+
+        Raises :class:`TvlensError` naming the first row the position falls outside.
+        """
+        lengths = self.lengths.tolist()
+        T = self.seq_len
+        cols = []
+        for row, n in enumerate(lengths):
+            if spec == "last":
+                i = n - 1
+            elif spec == "separator":
+                if not self.separator_index:
+                    raise TvlensError("this batch has no separator positions")
+                i = self.separator_index[row]
+            elif isinstance(spec, (int,)) and not isinstance(spec, bool):
+                i = spec if spec >= 0 else n + spec
+            else:
+                raise TvlensError(
+                    f"unknown position {spec!r}: use an int (negative counts from the end), "
+                    f"or one of {NAMED_POSITIONS}"
+                )
+            if not 0 <= i < n:
+                raise TvlensError(
+                    f"position {spec!r} falls outside prompt {row} ({n} tokens: "
+                    f"{self.prompts[row][-60:]!r}); use a position within every prompt, "
+                    "e.g. a negative offset from the end"
+                )
+            cols.append(T - n + i)
+        return torch.tensor(cols, dtype=torch.long, device=self.input_ids.device)
+
+    def position_entries(self, spec: Position) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
+        """(rows, cols) of every token position ``spec`` selects; ``"all"`` gives all real tokens."""
+        if spec == "all":
+            rows, cols = torch.nonzero(self.attention_mask.bool(), as_tuple=True)
+            return rows, cols
+        cols = self.position_index(spec)
+        return torch.arange(len(self), device=cols.device), cols
+
+
+def _ids(tokenizer, text: str, *, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def answer_token_ids(tokenizer, prompt: str, answer: str) -> list[int]:
+    """Token ids of ``answer`` as read right after ``prompt`` (see the module docstring)."""
+    prompt_ids = _ids(tokenizer, prompt, special=True)
+    full_ids = _ids(tokenizer, prompt + answer, special=True)
+    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+        return full_ids[len(prompt_ids) :]
+    return _ids(tokenizer, answer, special=False)  # the boundary merged: tokenize alone
+
+
+def tokenize(
+    model_or_tokenizer,
+    examples: Sequence[Example],
+    template: str | Template = "arrow",
+    *,
+    max_len: int | None = None,
+) -> PromptBatch:
+    """Build a left-padded :class:`PromptBatch` from ``examples``.
+
+    Args:
+        model_or_tokenizer: a bridge (its tokenizer and ``cfg.n_ctx`` are used) or a tokenizer.
+        template: how prompts are written.
+        max_len: refuse prompts longer than this many tokens (default: the model's n_ctx).
+
+    Raises:
+        TvlensError: an answer tokenizes to nothing, or a prompt is too long.
+    """
+    tokenizer = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    if tokenizer is None:
+        raise TvlensError("this model has no tokenizer; build it with tiny_model(texts=...)")
+    if max_len is None and hasattr(model_or_tokenizer, "cfg"):
+        max_len = int(model_or_tokenizer.cfg.n_ctx)
+    if len(examples) == 0:
+        raise TvlensError("no examples to tokenize")
+    template = get_template(template)
+    prompts, rows, answers, separators = [], [], [], []
+    for ex in examples:
+        prompt = template.prompt(ex.demos, ex.x)
+        ids = _ids(tokenizer, prompt, special=True)
+        answer = answer_token_ids(tokenizer, prompt, template.format_answer(ex.y))
+        if not answer:
+            raise TvlensError(f"answer {ex.y!r} (for input {ex.x!r}) tokenizes to nothing")
+        if max_len is not None and len(ids) + len(answer) > max_len:
+            raise TvlensError(
+                f"prompt of {len(ids)} tokens plus a {len(answer)}-token answer exceeds the "
+                f"model's context of {max_len}; use fewer shots"
+            )
+        before = _ids(tokenizer, template.text_before_separator(ex.demos, ex.x), special=True)
+        prompts.append(prompt)
+        rows.append(ids)
+        answers.append(answer)
+        separators.append(min(len(before), len(ids) - 1))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, T - len(r) :] = 1
+    return PromptBatch(input_ids, mask, list(examples), prompts, answers, separators)
+
+
+@dataclass
+class TeacherForcedBatch:
+    """A prompt batch with each answer appended (right-padded) for teacher forcing.
+
+    Columns ``0..prompt_len-1`` are exactly the prompt batch's (left padding unchanged,
+    so resolved prompt positions stay valid); answer token j of row b sits in column
+    ``prompt_len + j`` and is predicted from column ``prompt_len + j - 1``.
+
+    Attributes:
+        input_ids, attention_mask: ``[batch, prompt_len + max_answer_len]``.
+        targets: ``[batch, max_answer_len]`` answer ids, ``-100`` where a row has none.
+        prompt: the prompt batch.
+    """
+
+    input_ids: Int[Tensor, "batch seq"]
+    attention_mask: Int[Tensor, "batch seq"]
+    targets: Int[Tensor, "batch answer"]
+    prompt: PromptBatch
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt.seq_len
+
+
+def with_answers(batch: PromptBatch, pad_id: int = 0) -> TeacherForcedBatch:
+    """Append every row's full answer to ``batch`` (see :class:`TeacherForcedBatch`)."""
+    A = max(len(a) for a in batch.answer_ids)
+    B = len(batch)
+    dev = batch.input_ids.device
+    extra = torch.full((B, A), pad_id, dtype=torch.long, device=dev)
+    extra_mask = torch.zeros((B, A), dtype=torch.long, device=dev)
+    targets = torch.full((B, A), -100, dtype=torch.long, device=dev)
+    for i, ans in enumerate(batch.answer_ids):
+        t = torch.tensor(ans, dtype=torch.long, device=dev)
+        extra[i, : len(ans)] = t
+        extra_mask[i, : len(ans)] = 1
+        targets[i, : len(ans)] = t
+    return TeacherForcedBatch(
+        torch.cat([batch.input_ids, extra], dim=1),
+        torch.cat([batch.attention_mask, extra_mask], dim=1),
+        targets,
+        batch,
+    )

@@ -1,0 +1,65 @@
+"""Shared fixtures: seeded RNGs, tiny native models, and the embedded model (slow tests).
+
+Tiny models are rebuilt per test (0.1 s, seeded) so tests never share mutated state.
+The embedded SmolLM2-135M is loaded once per session, for tests marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "function_vectors"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_task(n: int = 40):
+    """A small deterministic task whose words a tiny model's tokenizer covers."""
+    from tvlens.tasks import Task
+
+    words = [f"w{i}" for i in range(n)]
+    return Task("tiny", tuple((w, f"o{i % 7}") for i, w in enumerate(words)), "tiny test task")
+
+
+@pytest.fixture
+def task():
+    return tiny_task()
+
+
+@pytest.fixture
+def tiny(task):
+    """A 3-layer GQA native model whose tokenizer covers ``task`` in both templates."""
+    from tvlens.models import tiny_model
+
+    texts = [f"{x} -> {y}\nQ: {x}\nA: {y}\n\n" for x, y in task.pairs]
+    return tiny_model(texts=texts, n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M (loaded from the cache after the first run)."""
+    from tvlens.models import load_model
+
+    return load_model("smollm2-135m", device="cpu", progress=False)
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"../shared/data/function_vectors not found at {SHARED_DATA} (only in CI "
+                    "and developer checkouts; the package does not need it)")
+    return SHARED_DATA

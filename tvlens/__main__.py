@@ -1,0 +1,5 @@
+import sys
+
+from tvlens.cli import main
+
+sys.exit(main())

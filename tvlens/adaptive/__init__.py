@@ -1,0 +1,24 @@
+"""Adaptive task vectors (ATV): a generator writes a task vector for each query.
+
+- :mod:`~tvlens.adaptive.encoders`: what reads the query (tiny native LM, a loaded LM, MiniLM).
+- :mod:`~tvlens.adaptive.generator`: encoder + linear expansion → per-layer vectors,
+  injected through :mod:`tvlens.injection`; save / load.
+- :mod:`~tvlens.adaptive.training`: joint training on many tasks, target frozen.
+- :mod:`~tvlens.adaptive.analysis`: in-domain / unseen comparison, norms, similarity,
+  2-D projection, λ sweep.
+"""
+
+from tvlens.adaptive.generator import (
+    AdaptiveConfig,
+    AdaptiveGenerator,
+    Expansion,
+    check_scale,
+    expansion_parameter_count,
+    make_generator,
+)
+from tvlens.adaptive.training import check_unseen, train_generator, training_pairs
+
+__all__ = [
+    "AdaptiveConfig", "AdaptiveGenerator", "Expansion", "check_scale", "check_unseen",
+    "expansion_parameter_count", "make_generator", "train_generator", "training_pairs",
+]

@@ -1,0 +1,109 @@
+"""Core commands: ``demo``, ``models``, ``tasks``, ``evaluate``."""
+
+from __future__ import annotations
+
+from tvlens.cli.common import (
+    add_json_arg,
+    add_model_arg,
+    add_task_arg,
+    load_model_arg,
+    load_task_arg,
+    print_json,
+    print_table,
+)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="zero-shot vs ICL vs task vectors on the embedded model")
+    add_model_arg(p)
+    p.add_argument("--task", default="capitalize", help="built-in task or file (default: capitalize)")
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--n", type=int, default=48, help="test items (default 48)")
+    p.add_argument("--template", default="qa", help="qa (default), arrow, or a demo string")
+    p.add_argument("--out", default="tvlens-output", help="output folder (default: ./tvlens-output)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("models", help="list the models tvlens knows by name")
+    add_json_arg(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("tasks", help="list the built-in tasks")
+    add_json_arg(p)
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("evaluate", help="first-token accuracy of a model on a task")
+    add_model_arg(p)
+    add_task_arg(p)
+    p.add_argument("--shots", type=int, default=0, help="ICL demonstrations (default 0)")
+    p.add_argument("--vector", default=None, help="a saved task vector (.safetensors) to inject")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test", "all"])
+    p.add_argument("--n", type=int, default=None, help="evaluate the first N items of the split")
+    p.add_argument("--template", default="arrow", help="arrow, qa, or a demo string with {x} and {y}")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exact-match", action="store_true", help="also greedy-decode full answers")
+    add_json_arg(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_demo(args) -> int:
+    from tvlens.demo import run_demo
+
+    model = load_model_arg(args)
+    print(f"model: {model.cfg.model_name} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model})")
+    res = run_demo(model, task_name=args.task, shots=args.shots, n_test=args.n,
+                   template=args.template, out_dir=args.out)
+    print()
+    print_table(res.rows, ["method", "layer", "accuracy", "ci_low", "ci_high", "n"])
+    print()
+    for path in res.figures:
+        print(f"figure: {path}")
+    print(f"results: {args.out}/demo_results.json ({res.seconds:.0f} s)")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from tvlens.models import list_models
+
+    rows = list_models()
+    if args.json:
+        print_json({"models": rows})
+    else:
+        print_table(rows, ["name", "installed", "cached", "default", "package", "description"])
+        print("\nAlso: any local Hugging Face folder or hub name; tvlens.tiny_model(...) in Python.")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from tvlens.tasks import builtin_task, builtin_task_names
+
+    rows = []
+    for name in builtin_task_names():
+        t = builtin_task(name)
+        rows.append({"name": name, "category": t.category, "pairs": len(t),
+                     "example": f"{t.pairs[0][0]} -> {t.pairs[0][1]}", "description": t.description})
+    if args.json:
+        print_json({"tasks": rows})
+    else:
+        print_table(rows, ["name", "category", "pairs", "example", "description"])
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from tvlens.evaluation import evaluate
+    from tvlens.vector import TaskVector
+
+    task = load_task_arg(args)
+    model = load_model_arg(args)
+    vector = TaskVector.load(args.vector, model) if args.vector else None
+    r = evaluate(model, task, shots=args.shots, vector=vector, split=args.split, n=args.n,
+                 template=args.template, batch_size=args.batch_size, seed=args.seed,
+                 exact_match=args.exact_match, progress=not args.json)
+    if args.json:
+        print_json(r.to_dict())
+    else:
+        print(f"{r.model} on {r.task} ({r.shots}-shot{', vector ' + args.vector if args.vector else ''}, "
+              f"{r.split} split): accuracy {r}")
+        if r.exact_match is not None:
+            print(f"exact match: {r.exact_match:.3f}")
+    return 0

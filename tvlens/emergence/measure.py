@@ -1,0 +1,159 @@
+"""Emergence measurements: ICL accuracy (in and out of distribution) and task-vector
+accuracy by layer, for one trained model or for a with/without-TVP comparison.
+
+Task-vector accuracy at layer l (Hendel et al.'s protocol, one vector per prompt as in
+the TVP loss): for each prompt ``b`` of K pairs from task ``f`` cut at the last arrow,
+
+    v_b = h_l(prompt_b)[last]                 (residual after layer l, [d_model])
+    acc_l = mean_b [ argmax logits(BOS x'_b -> | h_l[arrow] ← v_b) = f(x'_b) ]
+
+with ``x'_b ≠ x_K`` so the vector must carry the task, not the last answer. ICL
+accuracy is ``mean_b [argmax logits(prompt_b)[last] = y_K]`` (argmax over the whole
+vocabulary). Chance is ``1 / n_values``; the zero-shot query without a vector cannot
+beat ``1 / n_tasks`` for offset tasks (it does not know the task).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+
+from tvlens.emergence.synthetic import SyntheticTask, sample_batch, task_tables
+from tvlens.emergence.training import TVPConfig, query_batch, train
+from tvlens.errors import TvlensError
+from tvlens.injection import InjectionSpec, injection_hooks, resid_hook_name
+
+EVAL_SEED = 12345
+
+PRESETS: dict[str, TVPConfig] = {
+    # ~10 s per arm on one shared CPU core: a pool of offsets, a 2-layer model.
+    "tiny": TVPConfig(n_values=8, families=("offset",), n_heldout=2, n_pairs=4, ood_pairs=8,
+                      n_layers=2, d_model=32, n_heads=4, tvp_layer=0, steps=150,
+                      batch_size=32, lr=3e-3, warmup=10, eval_every=50, n_eval=128),
+    # the paper-like setting: offsets and affine maps, a 4-layer model, ℓ = 1.
+    "default": TVPConfig(n_values=11, families=("offset", "affine"), n_heldout=3, n_pairs=8,
+                         ood_pairs=16, n_layers=4, d_model=64, n_heads=4, tvp_layer=1,
+                         steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=200,
+                         n_eval=256),
+}
+
+
+def _check_ctx(model, n_pairs: int) -> None:
+    if 4 * n_pairs > int(model.cfg.n_ctx):
+        raise TvlensError(f"{n_pairs} pairs need {4 * n_pairs} tokens, beyond the model's "
+                          f"n_ctx={model.cfg.n_ctx}; use fewer pairs")
+
+
+def _n_values(model) -> int:
+    return int(model.cfg.d_vocab) - 4
+
+
+@torch.no_grad()
+def icl_accuracy(model, tasks: Sequence[SyntheticTask], n_pairs: int, *, n: int = 256,
+                 seed: int = EVAL_SEED) -> float:
+    """Share of ``n`` K-pair prompts whose last answer ``y_K`` is the argmax prediction."""
+    _check_ctx(model, n_pairs)
+    batch = sample_batch(task_tables(tasks), n_pairs, n, torch.Generator().manual_seed(seed))
+    logits = model(batch.prompt_ids().to(model.cfg.device))[:, -1]
+    return (logits.argmax(-1).cpu() == batch.ys[:, -1]).float().mean().item()
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tasks: Sequence[SyntheticTask], *, n: int = 256,
+                       seed: int = EVAL_SEED) -> float:
+    """Accuracy of the bare zero-shot queries (no context, no vector): the floor."""
+    batch = sample_batch(task_tables(tasks), 1, n, torch.Generator().manual_seed(seed))
+    logits = model(batch.query_ids.to(model.cfg.device))[:, -1]
+    return (logits.argmax(-1).cpu() == batch.query_answers).float().mean().item()
+
+
+@torch.no_grad()
+def tv_accuracy_by_layer(model, tasks: Sequence[SyntheticTask], n_pairs: int, *,
+                         layers: Sequence[int] | None = None, n: int = 256,
+                         seed: int = EVAL_SEED) -> list[float]:
+    """Task-vector accuracy ``acc_l`` (module docstring) for each of ``layers`` (default all)."""
+    _check_ctx(model, n_pairs)
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    batch = sample_batch(task_tables(tasks), n_pairs, n, torch.Generator().manual_seed(seed))
+    device = model.cfg.device
+    names = [resid_hook_name(layer) for layer in layers]
+    _, cache = model.run_with_cache(batch.prompt_ids().to(device), names_filter=lambda x: x in names)
+    qb = query_batch(batch.query_ids, batch.query_answers, _n_values(model)).to(device)
+    out = []
+    for name, layer in zip(names, layers):
+        v = cache[name][:, -1]
+        spec = InjectionSpec(layers=(layer,), positions=("last",), vectors=v[:, None, None, :],
+                             mode="replace")
+        logits = model.run_with_hooks(qb.input_ids, fwd_hooks=injection_hooks(model, qb, spec))
+        out.append((logits[:, -1].argmax(-1).cpu() == batch.query_answers).float().mean().item())
+    return out
+
+
+def training_metrics(model, cfg: TVPConfig) -> dict:
+    """The cheap per-checkpoint measures used for curves over training (seeded, ``n_eval``)."""
+    train_tasks, _ = cfg.tasks()
+    model.eval()
+    tv = tv_accuracy_by_layer(model, train_tasks, cfg.n_pairs, n=cfg.n_eval)
+    return {"icl_accuracy": icl_accuracy(model, train_tasks, cfg.n_pairs, n=cfg.n_eval),
+            "tv_accuracy_by_layer": tv, "tv_accuracy": tv[cfg.tvp_layer]}
+
+
+def evaluate_run(model, cfg: TVPConfig, *, n: int | None = None, seed: int = EVAL_SEED) -> dict:
+    """All measures of one model (JSON-ready).
+
+    Keys: ``icl_accuracy`` (training tasks, ``n_pairs``), ``ood_icl_accuracy`` (held-out
+    task parameters, ``n_pairs``; None without held-out tasks), ``long_context_icl_accuracy``
+    (training tasks, ``ood_pairs``), ``zero_shot_accuracy``, ``tv_accuracy_by_layer``,
+    ``ood_tv_accuracy_by_layer``, ``tvp_layer``, ``tvp_lambda``, ``chance``.
+    """
+    n = n or cfg.n_eval
+    train_tasks, held = cfg.tasks()
+    model.eval()
+    return {
+        "icl_accuracy": icl_accuracy(model, train_tasks, cfg.n_pairs, n=n, seed=seed),
+        "ood_icl_accuracy": icl_accuracy(model, held, cfg.n_pairs, n=n, seed=seed) if held else None,
+        "long_context_icl_accuracy": icl_accuracy(model, train_tasks, cfg.ood_pairs, n=n, seed=seed),
+        "zero_shot_accuracy": zero_shot_accuracy(model, train_tasks, n=n, seed=seed),
+        "tv_accuracy_by_layer": tv_accuracy_by_layer(model, train_tasks, cfg.n_pairs, n=n, seed=seed),
+        "ood_tv_accuracy_by_layer": (tv_accuracy_by_layer(model, held, cfg.n_pairs, n=n, seed=seed)
+                                     if held else None),
+        "tvp_layer": cfg.tvp_layer,
+        "tvp_lambda": cfg.tvp_lambda,
+        "chance": 1.0 / cfg.n_values,
+    }
+
+
+def get_preset(name: str) -> TVPConfig:
+    if name not in PRESETS:
+        raise TvlensError(f"unknown preset {name!r}; use one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def compare(cfg: TVPConfig | str = "tiny", *, tvp_lambda: float | None = None,
+            out_dir=None, log: Callable[[str, dict], None] | None = None) -> dict:
+    """Train the same seeded config twice, with λ (``with_tvp``) and with λ = 0
+    (``without_tvp``), and measure both with :func:`evaluate_run`.
+
+    Returns ``{"config": ..., "with_tvp": {...}, "without_tvp": {...}}``; each arm also has
+    its ``history`` (curves over training) and ``train_seconds``.
+    """
+    cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
+    if tvp_lambda is not None:
+        cfg = replace(cfg, tvp_lambda=tvp_lambda)
+    if cfg.tvp_lambda <= 0:
+        raise TvlensError("compare needs tvp_lambda > 0 for the with-TVP arm")
+    cfg.validate()
+    result = {"config": cfg.to_dict()}
+    for arm, lam in (("with_tvp", cfg.tvp_lambda), ("without_tvp", 0.0)):
+        arm_cfg = replace(cfg, tvp_lambda=lam)
+        start = time.perf_counter()
+        folder = None if out_dir is None else f"{out_dir}/{arm}"
+        run = train(arm_cfg, out_dir=folder, log=(lambda e, a=arm: log(a, e)) if log else None)
+        metrics = evaluate_run(run.model, arm_cfg)
+        metrics["history"] = run.history
+        metrics["train_seconds"] = time.perf_counter() - start
+        result[arm] = metrics
+    return result

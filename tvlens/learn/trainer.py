@@ -1,0 +1,350 @@
+"""Learned task vectors (LTV): θ trained by gradient descent, injected additively.
+
+θ holds one free vector per (layer, position) pair of the layer set 𝓛 and position set
+𝓟, ``[L, P, d_model]``. With the model frozen, at every layer l ∈ 𝓛 and resolved
+position p ∈ 𝓟 of a (zero-shot, or K-shot) prompt the residual becomes
+
+    h_l[p] ← h_l[p] + θ[l, p]              (tvlens.injection, mode "add")
+
+and θ minimises the teacher-forced answer loss (:func:`tvlens.scoring.answer_nll`)
+
+    𝓛(θ) = E_(x, y) [ −(1/|y|) Σ_j log p(y_j | prompt(x), y_<j ; θ) ]
+
+with AdamW (weight decay 0.01), as in the LTV paper.
+
+**Learning rate and initialisation.** The paper's lr 1e-3 was set for Llama-3.1-8B; the
+step Adam takes is ≈ lr per coordinate whatever the gradient's size, so what matters is
+lr relative to the residual stream's per-coordinate scale, which differs by an order of
+magnitude between models and between layers (SmolLM2-135M: RMS ≈ 2 after block 0, ≈ 6
+at layer 10, ≈ 22 at layer 27). tvlens therefore trains φ with θ[l] = s_l · φ[l], where
+s_l is the residual RMS ‖h_l‖/√d_model at the injection positions (measured once on the
+train prompts), so ``lr`` is in units of "fractions of the residual's scale per step" and
+one default works at every layer and for layer sets mixing early and late layers. AdamW's
+decoupled weight decay is the same on φ and θ (θ = sφ is linear). θ starts at zero: step
+0 *is* the zero-shot model, no random direction has to be unlearned, and the vector's
+norm grows only as far as the loss asks. ``relative_lr=False`` gives the paper's
+parametrisation (s_l = 1, lr absolute). See docs/results/learned.md for the measurements.
+
+**Early stopping and the returned θ.** Every ``dev_every`` steps θ is evaluated on the
+dev split (first-token accuracy, ties broken by the mean first-token log-probability);
+training stops after ``patience`` evaluations without improvement, and the best θ on dev
+is returned.
+
+**Prefix caching** (:mod:`tvlens.learn.prefix`): blocks 0..min 𝓛 are computed once per
+training row and skipped at every step. ``history["prefix_cache"]`` says whether it was
+used, ``history["prefix_cache_note"]`` why not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tvlens.errors import TvlensError
+from tvlens.evaluation import evaluate
+from tvlens.injection import InjectionSpec, check_layer, injection_hooks
+from tvlens.learn import checkpoint as ckpt
+from tvlens.learn.prefix import (CACHE_BUDGET_BYTES, cache_nbytes, cached_forward,
+                                 capture_prefix, prefix_cache_support)
+from tvlens.models.loading import fingerprint
+from tvlens.prompts import (Position, PromptBatch, Template, TeacherForcedBatch, get_template,
+                            make_examples, tokenize, with_answers)
+from tvlens.scoring import answer_nll
+from tvlens.tasks.task import Task
+from tvlens.vector import TaskVector
+
+
+def _check_args(model, layers, positions, steps, lr, batch_size, dev_every, patience,
+                checkpoint_every, shots):
+    if len(layers) == 0:
+        raise TvlensError("no layers to train at: give at least one layer (e.g. layers=[10])")
+    if len(positions) == 0:
+        raise TvlensError("no positions to train at: give at least one (e.g. positions=['last'])")
+    for layer in layers:
+        check_layer(model, layer)
+    if len(set(layers)) != len(layers):
+        raise TvlensError(f"layers {tuple(layers)} repeat a layer; list each layer once")
+    if len(set(map(str, positions))) != len(positions):
+        raise TvlensError(f"positions {tuple(positions)} repeat a position; list each once")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("dev_every", dev_every),
+                        ("checkpoint_every", checkpoint_every), ("patience", patience)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise TvlensError(f"{name} must be a positive integer, got {value!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise TvlensError(f"lr must be a positive number, got {lr!r}")
+    if shots < 0:
+        raise TvlensError(f"shots must be >= 0, got {shots}")
+
+
+def _check_positions(batch: PromptBatch, positions: Sequence[Position], split: str) -> None:
+    for p in positions:
+        if p != "all":
+            try:
+                batch.position_index(p)
+            except TvlensError as err:
+                raise TvlensError(f"{split} prompts: {err}") from None
+
+
+def _task_hash(task: Task) -> str:
+    return hashlib.sha256(json.dumps([task.pairs, task.seed, task.fractions]).encode()).hexdigest()[:16]
+
+
+def _rows(tf: TeacherForcedBatch, rows: list[int]) -> TeacherForcedBatch:
+    """Rows of a teacher-forced batch, leading all-padding columns trimmed."""
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    ids, mask = tf.input_ids[idx], tf.attention_mask[idx]
+    prompt = tf.prompt.select(rows)
+    lead = int((prompt.attention_mask.sum(0) == 0).sum())  # left padding: leading columns
+    prompt.input_ids, prompt.attention_mask = prompt.input_ids[:, lead:], prompt.attention_mask[:, lead:]
+    return TeacherForcedBatch(ids[:, lead:], mask[:, lead:], tf.targets[idx], prompt)
+
+
+def _residual_rms(model, batch: PromptBatch, layers, positions) -> Tensor:
+    """s_l: mean residual RMS ‖h_l‖/√d at the injection positions, ``[L]``."""
+    from tvlens.activations import capture
+
+    names = [f"blocks.{layer}.hook_resid_post" for layer in layers]
+    with torch.no_grad():
+        store = capture(model, batch, names)
+    out = []
+    for n in names:
+        vals = [store[n][batch.position_entries(p)] for p in positions]
+        h = torch.cat(vals).float()
+        out.append(h.norm(dim=-1).mean() / math.sqrt(h.shape[-1]))
+    return torch.stack(out).cpu()
+
+
+def learn_task_vector(
+    model,
+    task: Task,
+    layers: int | Sequence[int],
+    positions: Position | Sequence[Position] = ("last",),
+    *,
+    shots: int = 0,
+    steps: int = 60,
+    lr: float = 0.05,
+    batch_size: int = 16,
+    init: str | Tensor = "zero",
+    seed: int = 0,
+    dev_every: int = 10,
+    patience: int = 3,
+    n_dev: int | None = 48,
+    weight_decay: float = 0.01,
+    relative_lr: bool = True,
+    template: str | Template = "arrow",
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 20,
+    resume: bool = False,
+    prefix_cache: bool = True,
+    progress: bool = True,
+) -> TaskVector:
+    """Train an additive task vector for ``task`` at ``layers`` × ``positions``.
+
+    Args:
+        layers, positions: 𝓛 and 𝓟 (a single value or a sequence each).
+        shots: demonstrations in each training/dev prompt (0: zero-shot, the LTV default;
+            K > 0 trains θ on top of K-shot ICL prompts).
+        steps: maximum optimiser steps (early stopping may end sooner).
+        lr: AdamW learning rate, in units of the residual RMS when ``relative_lr``.
+        batch_size: training prompts per step (sampled without replacement per step).
+        init: ``"zero"``, ``"random"`` (Gaussian, 0.1 × the residual RMS), or a tensor
+            ``[L, P, d_model]`` (θ itself).
+        seed: batch sampling, random init and demonstration sampling.
+        dev_every, patience, n_dev: dev evaluation period (steps), evaluations without
+            improvement before stopping, dev items scored (first ``n_dev``).
+        checkpoint_dir, checkpoint_every, resume: write a checkpoint every N steps;
+            ``resume=True`` continues from it (refused if task, model or configuration
+            differ).
+        prefix_cache: skip blocks 0..min 𝓛 at every step (see :mod:`tvlens.learn.prefix`).
+
+    Returns:
+        An add-mode :class:`TaskVector` (method ``"ltv"``), the best θ on dev, whose
+        ``history`` holds ``loss`` (per step), ``dev`` (step, accuracy, logprob),
+        ``train_seconds``, ``best_step``, ``stopped_early``, ``prefix_cache``.
+
+    Raises:
+        TvlensError: empty layer/position set, a position outside some prompt, steps ≤ 0,
+            a checkpoint from another run on resume, or a NaN/Inf loss (the last good
+            checkpoint is kept).
+    """
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    positions = [positions] if isinstance(positions, (int, str)) else list(positions)
+    _check_args(model, layers, positions, steps, lr, batch_size, dev_every, patience,
+                checkpoint_every, shots)
+    template = get_template(template)
+    d_model = int(model.cfg.d_model)
+    L, P = len(layers), len(positions)
+
+    train = make_examples(task.train, task.train, shots=shots, seed=seed)
+    pb = tokenize(model, train, template)
+    _check_positions(pb, positions, "train")
+    dev_pairs = task.dev[:n_dev] if n_dev else task.dev
+    if not dev_pairs:
+        raise TvlensError(f"task {task.name!r} has no dev items for early stopping; use a larger task")
+    dev_examples = make_examples(dev_pairs, task.train, shots=shots, seed=seed)
+    _check_positions(tokenize(model, dev_examples, template), positions, "dev")
+    tok = getattr(model, "tokenizer", None)
+    pad_id = int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
+    tf = with_answers(pb, pad_id)
+    N = len(pb)
+
+    config = {
+        "task": task.name, "task_hash": _task_hash(task), "model": fingerprint(model).to_dict(),
+        "layers": layers, "positions": positions, "shots": shots, "lr": lr,
+        "batch_size": batch_size, "weight_decay": weight_decay, "relative_lr": relative_lr,
+        "init": init if isinstance(init, str) else "tensor", "seed": seed,
+        "template": template.demo, "dev_every": dev_every, "n_dev": len(dev_pairs),
+    }
+    path = ckpt.checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
+    if path is not None:
+        if not path.parent.is_dir():
+            raise TvlensError(f"checkpoint folder {str(path.parent)!r} does not exist; create it first")
+        if path.exists() and not resume:
+            raise TvlensError(f"{str(path)!r} exists; pass resume=True (CLI: --resume) to continue "
+                              "from it, or use another checkpoint_dir")
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        return _train(model, task, layers, positions, template, tf, N, d_model, L, P, config,
+                      steps, lr, batch_size, init, seed, dev_every, patience, dev_examples,
+                      weight_decay, relative_lr, path, checkpoint_every, resume, prefix_cache,
+                      progress)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _train(model, task, layers, positions, template, tf, N, d_model, L, P, config, steps, lr,
+           batch_size, init, seed, dev_every, patience, dev_examples, weight_decay,
+           relative_lr, path, checkpoint_every, resume, prefix_cache, progress) -> TaskVector:
+    t0 = time.perf_counter()
+    device = model.cfg.device
+    dtype = next(model.parameters()).dtype
+    probe = tf.prompt.select(list(range(min(N, 32))))
+    rms = _residual_rms(model, probe, layers, positions)
+    scale = (rms if relative_lr else torch.ones(L)).to(device=device, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    if isinstance(init, Tensor):
+        if tuple(init.shape) != (L, P, d_model):
+            raise TvlensError(f"init tensor of shape {tuple(init.shape)}; expected {(L, P, d_model)}")
+        phi0 = init.detach().float().to(device) / scale[:, None, None]
+    elif init == "zero":
+        phi0 = torch.zeros(L, P, d_model, device=device)
+    elif init == "random":
+        phi0 = 0.1 * torch.randn(L, P, d_model, generator=gen).to(device)
+    else:
+        raise TvlensError(f"unknown init {init!r}; use 'zero', 'random' or a tensor [L, P, d_model]")
+    phi = nn.Parameter(phi0.clone())
+    opt = torch.optim.AdamW([phi], lr=lr, weight_decay=weight_decay)
+    state = {"step": 0, "loss": [], "dev": [], "best": None, "best_step": 0, "bad": 0,
+             "stopped_early": False}
+    best_phi = phi.detach().clone()
+
+    if resume and path is not None and path.exists():
+        tensors, meta = ckpt.load_checkpoint(path)
+        diff = ckpt.config_mismatch(meta["config"], config)
+        if diff:
+            raise TvlensError(f"checkpoint {str(path)!r} is from another run ({'; '.join(diff)}); "
+                              "use another checkpoint_dir or the same settings")
+        with torch.no_grad():
+            phi.copy_(tensors["phi"].to(device))
+        best_phi = tensors["best_phi"].to(device)
+        opt.state[phi] = {"step": tensors["adam_step"], "exp_avg": tensors["exp_avg"].to(device),
+                          "exp_avg_sq": tensors["exp_avg_sq"].to(device)}
+        gen.set_state(tensors["rng"])
+        state.update(meta["state"])
+
+    use_cache, note = False, ""
+    l0 = min(layers)
+    if prefix_cache:
+        ok, note = prefix_cache_support(model, l0)
+        need = cache_nbytes(N, tf.input_ids.shape[1], d_model, dtype)
+        if ok and need > CACHE_BUDGET_BYTES:
+            ok, note = False, f"the cache would take {need / 1e9:.1f} GB"
+        if ok:
+            cache, as_tuple = capture_prefix(model, tf.input_ids, tf.attention_mask, l0)
+            use_cache = True
+        else:
+            warnings.warn(f"prefix caching off, training with the full forward: {note}", stacklevel=3)
+    else:
+        note = "disabled by the caller"
+
+    def theta() -> Tensor:
+        return (scale[:, None, None] * phi).to(dtype)
+
+    def vector(phi_value: Tensor, history: dict) -> TaskVector:
+        return TaskVector(vectors=(scale[:, None, None] * phi_value).detach().to(dtype),
+                          layers=tuple(layers), positions=tuple(positions), model=fingerprint(model),
+                          mode="add", method="ltv", hyperparameters=dict(config, steps=steps),
+                          task=task.name, history=history)
+
+    def save() -> None:
+        a = opt.state.get(phi, {})
+        tensors = {"phi": phi, "best_phi": best_phi, "rng": gen.get_state(),
+                   "exp_avg": a.get("exp_avg", torch.zeros_like(phi)),
+                   "exp_avg_sq": a.get("exp_avg_sq", torch.zeros_like(phi)),
+                   "adam_step": torch.as_tensor(a.get("step", 0.0), dtype=torch.float32).reshape(())}
+        ckpt.save_checkpoint(path, tensors, {"config": config, "state": state})
+
+    bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc=f"ltv {task.name}")
+    try:
+        while state["step"] < steps and not state["stopped_early"]:
+            rows = torch.randperm(N, generator=gen)[: min(batch_size, N)].tolist()
+            sub = _rows(tf, rows)
+            spec = InjectionSpec(tuple(layers), tuple(positions), theta(), "add")
+            hooks = injection_hooks(model, sub.prompt, spec)
+            opt.zero_grad(set_to_none=True)
+            if use_cache:
+                lead = tf.input_ids.shape[1] - sub.input_ids.shape[1]
+                with cached_forward(model, l0, cache[rows][:, lead:], as_tuple) as first:
+                    loss = answer_nll(model, sub, [first] + hooks).mean()
+            else:
+                loss = answer_nll(model, sub, hooks).mean()
+            if not torch.isfinite(loss):
+                kept = f"; the last good checkpoint is {str(path)!r}" if path is not None and path.exists() else ""
+                raise TvlensError(f"the loss became {loss.item()} at step {state['step'] + 1} "
+                                  f"(training diverged){kept}; lower lr (now {lr}) or use init='zero'")
+            loss.backward()
+            opt.step()
+            state["step"] += 1
+            state["loss"].append(float(loss))
+            bar.update(1)
+            step = state["step"]
+            if step % dev_every == 0 or step == steps:
+                res = evaluate(model, task, examples=dev_examples, template=template,
+                               vector=vector(phi.detach(), {}), seed=seed, progress=False)
+                lp = float(res.records["first_token_logprob"].mean())
+                state["dev"].append({"step": step, "accuracy": res.accuracy, "logprob": lp})
+                if state["best"] is None or (res.accuracy, lp) > tuple(state["best"]):
+                    state["best"], state["best_step"], state["bad"] = [res.accuracy, lp], step, 0
+                    best_phi = phi.detach().clone()
+                else:
+                    state["bad"] += 1
+                    state["stopped_early"] = state["bad"] >= patience
+                bar.set_postfix(loss=f"{float(loss):.3f}", dev=f"{res.accuracy:.2f}")
+            else:
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+            if path is not None and (step % checkpoint_every == 0 or step == steps
+                                     or state["stopped_early"]):
+                save()
+    finally:
+        bar.close()
+    history = {"loss": state["loss"], "dev": state["dev"], "best_step": state["best_step"],
+               "stopped_early": state["stopped_early"], "steps_run": state["step"],
+               "train_seconds": time.perf_counter() - t0, "prefix_cache": use_cache,
+               "prefix_cache_note": note, "residual_rms": rms.tolist()}
+    return vector(best_phi, history)

@@ -1,0 +1,132 @@
+"""Figures for papers: one plotly theme, one export function, the shared figures.
+
+``export(fig, path)`` writes ``.html`` (self-contained, plotly.js inlined, nothing
+fetched when opened), or ``.png`` / ``.svg`` / ``.pdf`` through kaleido ≥ 1, which drives
+a system Chromium (Debian's ``chromium`` package; ``make`` installs it). MathJax is
+turned off so static export never reaches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import plotly.graph_objects as go
+import plotly.io as pio
+
+from tvlens.errors import TvlensError
+
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+_TEMPLATE_NAME = "tvlens_paper"
+
+pio.templates[_TEMPLATE_NAME] = go.layout.Template(
+    layout=dict(
+        font=dict(family="Helvetica, Arial, sans-serif", size=13, color="#222"),
+        paper_bgcolor="white",
+        plot_bgcolor="white",
+        colorway=PALETTE,
+        xaxis=dict(showline=True, linecolor="#444", ticks="outside", gridcolor="#eee", zeroline=False),
+        yaxis=dict(showline=True, linecolor="#444", ticks="outside", gridcolor="#eee", zeroline=False),
+        legend=dict(bgcolor="rgba(255,255,255,0.8)", borderwidth=0),
+        margin=dict(l=60, r=20, t=50, b=50),
+        width=720,
+        height=420,
+    )
+)
+
+STATIC_FORMATS = (".png", ".svg", ".pdf")
+
+
+def apply_theme(fig: go.Figure) -> go.Figure:
+    """Apply the tvlens paper theme (colour-blind-safe palette, white background)."""
+    fig.update_layout(template=_TEMPLATE_NAME)
+    return fig
+
+
+def export(fig: go.Figure, path: str | Path, *, scale: float = 2.0) -> Path:
+    """Write ``fig`` to ``path``; the suffix picks the format (.html, .png, .svg, .pdf).
+
+    The file appears atomically (written beside it, then renamed). Raises
+    :class:`TvlensError` for a missing folder, an unknown suffix, or a static export
+    without a usable Chromium (install Debian's ``chromium``).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.parent.exists():
+        raise TvlensError(f"folder {str(path.parent)!r} does not exist; create it first")
+    if suffix not in (".html", *STATIC_FORMATS):
+        raise TvlensError(f"cannot export to {suffix or 'a file without suffix'}; use .html, .png, .svg or .pdf")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix == ".html":
+            fig.write_html(tmp, include_plotlyjs=True, include_mathjax=False, full_html=True)
+        else:
+            _write_static(fig, tmp, suffix, scale)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _write_static(fig: go.Figure, tmp: str, suffix: str, scale: float) -> None:
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        raise TvlensError("static export needs kaleido>=1: pip install 'kaleido>=1'") from None
+    pio.defaults.mathjax = None
+    try:
+        fig.write_image(tmp, format=suffix[1:], scale=scale)
+    except Exception as err:  # kaleido reports a missing browser in several ways
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TvlensError(
+            f"static export to {suffix} failed ({msg}); install a Chromium "
+            "(`apt-get install chromium`) or export to .html"
+        ) from None
+
+
+def accuracy_by_layer(
+    curves: Mapping[str, "pd.DataFrame"],  # noqa: F821
+    references: Mapping[str, tuple[float, float, float]] | None = None,
+    *,
+    title: str = "Accuracy by layer",
+    xaxis_title: str = "layer",
+) -> go.Figure:
+    """Accuracy-by-layer curves with CI bands and horizontal reference lines.
+
+    Args:
+        curves: method name → DataFrame with columns ``layer``, ``accuracy``,
+            ``ci_low``, ``ci_high`` (one row per layer).
+        references: name → ``(accuracy, ci_low, ci_high)`` drawn as dashed lines
+            (e.g. zero-shot and ICL).
+    """
+    fig = go.Figure()
+    for i, (name, df) in enumerate(curves.items()):
+        color = PALETTE[i % len(PALETTE)]
+        df = df.sort_values("layer")
+        x = df["layer"].tolist()
+        fig.add_trace(go.Scatter(
+            x=x + x[::-1], y=df["ci_high"].tolist() + df["ci_low"].tolist()[::-1],
+            mode="lines", fill="toself", fillcolor=_rgba(color, 0.15), line=dict(width=0),
+            hoverinfo="skip", showlegend=False, legendgroup=name,
+        ))
+        fig.add_trace(go.Scatter(x=x, y=df["accuracy"], mode="lines+markers", name=name,
+                                 line=dict(color=color, width=2), legendgroup=name))
+    dash_styles = ["dash", "dot", "dashdot", "longdash"]
+    for j, (name, (acc, lo, hi)) in enumerate((references or {}).items()):
+        color = PALETTE[(len(curves) + j) % len(PALETTE)]
+        fig.add_hline(y=acc, line=dict(color=color, dash=dash_styles[j % 4], width=1.5))
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"{name} ({acc:.2f} [{lo:.2f}, {hi:.2f}])",
+                                 line=dict(color=color, dash=dash_styles[j % 4])))
+    fig.update_layout(title=title, xaxis_title=xaxis_title, yaxis_title="accuracy",
+                      yaxis_range=[-0.02, 1.02], xaxis_tickformat="d")
+    return apply_theme(fig)
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"

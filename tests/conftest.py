@@ -31,8 +31,10 @@ def tiny_task(n: int = 40):
     """A small deterministic task whose words a tiny model's tokenizer covers."""
     from tvlens.tasks import Task
 
-    words = [f"w{i}" for i in range(n)]
-    return Task("tiny", tuple((w, f"o{i % 7}") for i, w in enumerate(words)), "tiny test task")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = [f"q{letters[i // 26]}{letters[i % 26]}" for i in range(n)]  # one token each
+    colors = ("red", "blue", "green", "gold", "pink", "gray", "teal")
+    return Task("tiny", tuple((w, colors[i % 7]) for i, w in enumerate(words)), "tiny test task")
 
 
 @pytest.fixture

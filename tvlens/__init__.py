@@ -13,7 +13,8 @@ positions, evaluate it, and explain its effect. The core, in one import::
 
 from tvlens.errors import TvlensError
 from tvlens.evaluation import EvalResult, evaluate
-from tvlens.extract import icl_task_vector
+from tvlens.extract import function_vector, icl_task_vector, layer_sweep, vanilla_task_vector
+from tvlens.learn import learn_task_vector
 from tvlens.injection import InjectionSpec, forward, injected, injection_hooks, resid_hook_name
 from tvlens.models import ModelFingerprint, fingerprint, list_models, load_model, tiny_model
 from tvlens.prompts import TEMPLATES, Example, PromptBatch, Template, make_examples, tokenize
@@ -25,7 +26,8 @@ __version__ = "0.1.0"
 __all__ = [
     "TEMPLATES", "EvalResult", "Example", "InjectionSpec", "ModelFingerprint", "PromptBatch",
     "Task", "TaskVector", "Template", "TvlensError", "builtin_task_names", "evaluate",
-    "fingerprint", "forward", "icl_task_vector", "injected", "injection_hooks",
+    "fingerprint", "forward", "function_vector", "icl_task_vector", "layer_sweep",
+    "learn_task_vector", "vanilla_task_vector", "injected", "injection_hooks",
     "list_models", "load_model", "load_task", "load_task_file", "make_examples",
     "resid_hook_name", "tiny_model", "tokenize",
 ]

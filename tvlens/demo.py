@@ -6,7 +6,7 @@ Zero-shot vs ICL vs Hendel's ICL task vector on one built-in task:
 2. the ICL task vector extracted at every layer in one pass, each injected (replacing the
    zero-shot query's last-position residual) — accuracy by layer on the dev split;
 3. the best dev layer, scored on the test split;
-4. further sections (learned vectors, ...) when their modules are installed;
+4. a learned task vector (LTV) trained at that layer, next to the extracted one;
 5. a table on the terminal and the accuracy-by-layer figure exported to the output folder.
 """
 
@@ -20,10 +20,10 @@ from pathlib import Path
 import pandas as pd
 
 from tvlens.evaluation import EvalResult, evaluate
-from tvlens.extract.icl_tv import icl_task_vector
-from tvlens.plots import accuracy_by_layer, export
+from tvlens.extract.sweep import layer_sweep
+from tvlens.learn import learn_task_vector
+from tvlens.plots import export
 from tvlens.tasks import load_task
-from tvlens.vector import TaskVector
 
 
 @dataclass
@@ -42,8 +42,8 @@ def _row(method: str, result: EvalResult, layer: int | None = None) -> dict:
 
 
 def run_demo(model, *, task_name: str = "capitalize", shots: int = 5, n_test: int = 48,
-             n_dev: int = 24, template: str = "qa", out_dir: str | Path = "tvlens-output",
-             log=print) -> DemoResult:
+             n_dev: int = 24, template: str = "qa", ltv_steps: int = 30,
+             out_dir: str | Path = "tvlens-output", log=print) -> DemoResult:
     """Run the demo on ``model`` and write its figure into ``out_dir`` (created if missing).
 
     The default template is Todd et al.'s ``"Q: {x}\nA: {y}"``: on SmolLM2-135M the ICL
@@ -61,30 +61,20 @@ def run_demo(model, *, task_name: str = "capitalize", shots: int = 5, n_test: in
     icl = evaluate(model, task, shots=shots, n=n_test, template=template)
     res.rows += [_row("zero-shot", zero), _row(f"ICL ({shots}-shot)", icl)]
 
-    layers = list(range(int(model.cfg.n_layers)))
-    log(f"extracting the ICL task vector at all {len(layers)} layers and sweeping them on dev ...")
-    all_layers = icl_task_vector(model, task, layers, shots=shots, n_prompts=32, template=template)
-    sweep = []
-    for layer in layers:
-        tv = _single_layer(all_layers, layer)
-        r = evaluate(model, task, vector=tv, split="dev", n=n_dev, template=template, progress=False)
-        sweep.append({"layer": layer, "accuracy": r.accuracy, "ci_low": r.ci_low, "ci_high": r.ci_high})
-    res.sweep = pd.DataFrame(sweep)
-    best = int(res.sweep.sort_values(["accuracy", "layer"], ascending=[False, True]).iloc[0]["layer"])
-    tv_test = evaluate(model, task, vector=_single_layer(all_layers, best), n=n_test, template=template)
+    log(f"extracting the ICL task vector at all {model.cfg.n_layers} layers, sweeping them on dev ...")
+    sweep = layer_sweep(model, task, "icl-tv", split="dev", n=n_dev, shots=shots,
+                        template=template, n_prompts=32)
+    res.sweep = sweep.curve
+    best = sweep.best_layer
+    tv_test = evaluate(model, task, vector=sweep.vectors[best], n=n_test, template=template)
     res.rows.append(_row("ICL task vector (best dev layer)", tv_test, best))
 
-    for section in _extra_sections():
-        res.rows += section(model, task, best_layer=best, n_test=n_test, template=template, log=log)
+    log(f"learning a task vector (LTV) at layer {best} ...")
+    ltv = learn_task_vector(model, task, [best], steps=ltv_steps, template=template, progress=False)
+    res.rows.append(_row(f"learned task vector ({ltv_steps} steps)", evaluate(
+        model, task, vector=ltv, n=n_test, template=template), best))
 
-    dev_zero = evaluate(model, task, shots=0, split="dev", n=n_dev, template=template)
-    dev_icl = evaluate(model, task, shots=shots, split="dev", n=n_dev, template=template)
-    fig = accuracy_by_layer(
-        {"ICL task vector": res.sweep},
-        {"zero-shot": (dev_zero.accuracy, dev_zero.ci_low, dev_zero.ci_high),
-         f"ICL {shots}-shot": (dev_icl.accuracy, dev_icl.ci_low, dev_icl.ci_high)},
-        title=f"{res.model}: ICL task vector by layer ({task.name}, dev split)",
-    )
+    fig = sweep.figure(title=f"{res.model}: ICL task vector by layer ({task.name}, dev split)")
     for suffix in (".html", ".png"):
         res.figures.append(export(fig, out / f"demo_{task.name}_by_layer{suffix}"))
     res.sweep.to_csv(out / f"demo_{task.name}_by_layer.csv", index=False)
@@ -92,21 +82,3 @@ def run_demo(model, *, task_name: str = "capitalize", shots: int = 5, n_test: in
     (out / "demo_results.json").write_text(json.dumps(
         {"model": res.model, "task": res.task, "rows": res.rows, "seconds": res.seconds}, indent=1))
     return res
-
-
-def _single_layer(tv: TaskVector, layer: int) -> TaskVector:
-    from dataclasses import replace
-
-    i = tv.layers.index(layer)
-    return replace(tv, vectors=tv.vectors[i : i + 1], layers=(layer,))
-
-
-def _extra_sections():
-    """Demo sections contributed by optional modules (each returns table rows)."""
-    sections = []
-    try:
-        from tvlens.learn.demo import demo_section as learned  # noqa: PLC0415
-        sections.append(learned)
-    except ImportError:
-        pass
-    return sections

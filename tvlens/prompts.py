@@ -148,15 +148,17 @@ def make_examples(
         )
     rng = random.Random(seed)
     examples = []
-    for x, y in queries:
+    for i, (x, y) in enumerate(queries):
         demos: list[Pair] = []
         if shots:
             candidates = [p for p in demo_pool if p[0] != x]
             demos = rng.sample(candidates, shots)
             if shuffle_labels and shots > 1:
+                # its own RNG, so shuffled prompts have the same demonstrations as clean ones
+                shuffler = random.Random(seed * 1_000_003 + i)
                 labels = [b for _, b in demos]
                 for _ in range(20):
-                    perm = rng.sample(labels, len(labels))
+                    perm = shuffler.sample(labels, len(labels))
                     if perm != labels:
                         break
                 demos = [(a, b) for (a, _), b in zip(demos, perm)]

@@ -26,8 +26,9 @@ returns the vector of each query as a :class:`~tvlens.vector.TaskVector`.
 Reference: Kang et al., "Adaptive Task Vectors for Large Language Models" (2025).
 The released code uses λ = 0.001 on Llama-3-8B's raw hidden states with the default
 (random) init of the expansion; tvlens defaults to λ = 1 on the normalized hidden state
-with a zero-initialised expansion (training starts exactly at the zero-shot model), which
-trains in a few hundred Adam steps at lr 5e-4 on our small models.
+with a zero-initialised expansion (training starts exactly at the zero-shot model): at the
+paper's lr 5e-4, 40 Adam steps lift SmolLM2-135M from ≈ 0 zero-shot to 0.35–0.40 in-domain
+accuracy (docs/results/adaptive.md).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Train a small native transformer on synthetic in-context tasks with and without 
 task-vector prompting loss, then measure where task vectors live::
 
     from tvlens.emergence import compare
-    result = compare("tiny")          # two seeded runs, ~20 s on a CPU core
+    result = compare("tiny")          # two seeded runs, ~30 s of one CPU core
     result["with_tvp"]["tv_accuracy_by_layer"], result["without_tvp"]["tv_accuracy_by_layer"]
 """
 

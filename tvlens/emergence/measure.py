@@ -29,15 +29,15 @@ from tvlens.injection import InjectionSpec, injection_hooks, resid_hook_name
 EVAL_SEED = 12345
 
 PRESETS: dict[str, TVPConfig] = {
-    # ~10 s per arm on one shared CPU core: a pool of offsets, a 2-layer model.
+    # ~20 s per arm on one shared CPU core: a pool of 5 offsets mod 8, a 3-layer model.
     "tiny": TVPConfig(n_values=8, families=("offset",), n_heldout=2, n_pairs=4, ood_pairs=8,
-                      n_layers=2, d_model=32, n_heads=4, tvp_layer=0, steps=150,
-                      batch_size=32, lr=3e-3, warmup=10, eval_every=50, n_eval=128),
-    # the paper-like setting: offsets and affine maps, a 4-layer model, ℓ = 1.
-    "default": TVPConfig(n_values=11, families=("offset", "affine"), n_heldout=3, n_pairs=8,
-                         ood_pairs=16, n_layers=4, d_model=64, n_heads=4, tvp_layer=1,
-                         steps=2000, batch_size=64, lr=1e-3, warmup=100, eval_every=200,
-                         n_eval=256),
+                      n_layers=3, d_model=32, n_heads=4, tvp_layer=1, steps=400,
+                      batch_size=32, lr=3e-3, warmup=10, eval_every=100, n_eval=256),
+    # 7 offsets mod 10 (2 held out), a 4-layer model, ℓ = 1; minutes on one CPU core.
+    "default": TVPConfig(n_values=10, families=("offset",), n_heldout=2, n_pairs=6,
+                         ood_pairs=12, n_layers=4, d_model=48, n_heads=4, tvp_layer=1,
+                         steps=800, batch_size=32, lr=3e-3, warmup=20, eval_every=100,
+                         n_eval=512),
 }
 
 

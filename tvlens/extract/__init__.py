@@ -1,5 +1,19 @@
-"""Extracted task vectors: read off ICL activations (Hendel's task vectors, ...)."""
+"""Extracted task vectors: ICL task vectors (Hendel), vanilla difference vectors, function
+vectors (Todd), and layer sweeps over any of them."""
 
-from tvlens.extract.icl_tv import icl_task_vector
+from tvlens.extract.fv import (
+    function_vector,
+    indirect_effects,
+    indirect_effects_loop,
+    mean_head_outputs,
+    shuffled_prompts,
+    top_heads,
+)
+from tvlens.extract.icl_tv import icl_task_vector, vanilla_task_vector
+from tvlens.extract.sweep import METHOD_DEFAULTS, Extraction, LayerSweep, extract, layer_sweep
 
-__all__ = ["icl_task_vector"]
+__all__ = [
+    "METHOD_DEFAULTS", "Extraction", "LayerSweep", "extract", "function_vector",
+    "icl_task_vector", "indirect_effects", "indirect_effects_loop", "layer_sweep",
+    "mean_head_outputs", "shuffled_prompts", "top_heads", "vanilla_task_vector",
+]

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -121,6 +122,28 @@ def _residual_rms(model, batch: PromptBatch, layers, positions) -> Tensor:
         h = torch.cat(vals).float()
         out.append(h.norm(dim=-1).mean() / math.sqrt(h.shape[-1]))
     return torch.stack(out).cpu()
+
+
+def ltv_loss(model, batch: TeacherForcedBatch, layers: Sequence[int],
+             positions: Sequence[Position], theta: Float[Tensor, "layer pos d_model"],
+             *, prefix: tuple[int, Tensor, bool] | None = None) -> Float[Tensor, ""]:
+    """Mean answer NLL of ``batch`` with θ added at ``layers`` × ``positions``.
+
+    ``prefix = (l, h_l, as_tuple)`` runs the cached path: blocks 0..l skipped, the
+    residual after block l replaced by ``h_l`` ``[batch, seq, d_model]`` (from
+    :func:`~tvlens.learn.prefix.capture_prefix` over the same batch), then θ added. It
+    requires l ≤ min(layers); the loss and ∂/∂θ equal the full forward's.
+    """
+    spec = InjectionSpec(tuple(layers), tuple(positions), theta, "add")
+    hooks = injection_hooks(model, batch.prompt, spec)
+    if prefix is None:
+        return answer_nll(model, batch, hooks).mean()
+    layer, cached, as_tuple = prefix
+    if layer > min(layers):
+        raise TvlensError(f"prefix cached up to layer {layer}, but θ sits at layer {min(layers)}; "
+                          "cache at most up to min(layers)")
+    with cached_forward(model, layer, cached, as_tuple) as first:
+        return answer_nll(model, batch, [first] + hooks).mean()
 
 
 def learn_task_vector(
@@ -300,34 +323,40 @@ def _train(model, task, layers, positions, template, tf, N, d_model, L, P, confi
                    "adam_step": torch.as_tensor(a.get("step", 0.0), dtype=torch.float32).reshape(())}
         ckpt.save_checkpoint(path, tensors, {"config": config, "state": state})
 
+    def diverged(what: str):
+        kept = (f"; the last good checkpoint is kept at {str(path)!r}"
+                if path is not None and path.exists() else "")
+        raise TvlensError(f"training diverged at step {state['step'] + 1}: {what}{kept}; "
+                          f"lower lr (now {lr}) or use init='zero'")
+
+    def dev_eval():
+        res = evaluate(model, task, examples=dev_examples, template=template,
+                       vector=vector(phi.detach(), {}), seed=seed, progress=False)
+        return res, float(res.records["first_token_logprob"].mean())
+
     bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc=f"ltv {task.name}")
     try:
         while state["step"] < steps and not state["stopped_early"]:
             rows = torch.randperm(N, generator=gen)[: min(batch_size, N)].tolist()
             sub = _rows(tf, rows)
-            spec = InjectionSpec(tuple(layers), tuple(positions), theta(), "add")
-            hooks = injection_hooks(model, sub.prompt, spec)
             opt.zero_grad(set_to_none=True)
+            prefix = None
             if use_cache:
                 lead = tf.input_ids.shape[1] - sub.input_ids.shape[1]
-                with cached_forward(model, l0, cache[rows][:, lead:], as_tuple) as first:
-                    loss = answer_nll(model, sub, [first] + hooks).mean()
-            else:
-                loss = answer_nll(model, sub, hooks).mean()
+                prefix = (l0, cache[rows][:, lead:], as_tuple)
+            loss = ltv_loss(model, sub, layers, positions, theta(), prefix=prefix)
             if not torch.isfinite(loss):
-                kept = f"; the last good checkpoint is {str(path)!r}" if path is not None and path.exists() else ""
-                raise TvlensError(f"the loss became {loss.item()} at step {state['step'] + 1} "
-                                  f"(training diverged){kept}; lower lr (now {lr}) or use init='zero'")
+                diverged(f"the loss is {loss.item()}")
             loss.backward()
             opt.step()
+            if not torch.isfinite(phi).all():  # checked before any checkpoint of it
+                diverged("the update made θ non-finite")
             state["step"] += 1
-            state["loss"].append(float(loss))
+            state["loss"].append(loss.item())
             bar.update(1)
             step = state["step"]
-            if step % dev_every == 0 or step == steps:
-                res = evaluate(model, task, examples=dev_examples, template=template,
-                               vector=vector(phi.detach(), {}), seed=seed, progress=False)
-                lp = float(res.records["first_token_logprob"].mean())
+            if step % dev_every == 0:
+                res, lp = dev_eval()
                 state["dev"].append({"step": step, "accuracy": res.accuracy, "logprob": lp})
                 if state["best"] is None or (res.accuracy, lp) > tuple(state["best"]):
                     state["best"], state["best_step"], state["bad"] = [res.accuracy, lp], step, 0
@@ -335,15 +364,23 @@ def _train(model, task, layers, positions, template, tf, N, d_model, L, P, confi
                 else:
                     state["bad"] += 1
                     state["stopped_early"] = state["bad"] >= patience
-                bar.set_postfix(loss=f"{float(loss):.3f}", dev=f"{res.accuracy:.2f}")
+                bar.set_postfix(loss=f"{state['loss'][-1]:.3f}", dev=f"{res.accuracy:.2f}")
             else:
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{state['loss'][-1]:.3f}")
             if path is not None and (step % checkpoint_every == 0 or step == steps
                                      or state["stopped_early"]):
                 save()
     finally:
         bar.close()
-    history = {"loss": state["loss"], "dev": state["dev"], "best_step": state["best_step"],
+    dev = list(state["dev"])
+    if state["step"] % dev_every and not state["stopped_early"]:
+        # the last steps were never scored: score them now, outside the checkpointed
+        # state, so an interrupted-and-resumed run keeps the same evaluation schedule
+        res, lp = dev_eval()
+        dev.append({"step": state["step"], "accuracy": res.accuracy, "logprob": lp})
+        if state["best"] is None or (res.accuracy, lp) > tuple(state["best"]):
+            state["best_step"], best_phi = state["step"], phi.detach().clone()
+    history = {"loss": state["loss"], "dev": dev, "best_step": state["best_step"],
                "stopped_early": state["stopped_early"], "steps_run": state["step"],
                "train_seconds": time.perf_counter() - t0, "prefix_cache": use_cache,
                "prefix_cache_note": note, "residual_rms": rms.tolist()}

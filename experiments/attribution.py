@@ -1,0 +1,93 @@
+"""LTV mechanism analyses on the embedded SmolLM2-135M: OV re-injection, key heads, geometry.
+
+    python experiments/attribution.py --tasks antonym capitalize country_capital \
+        --out /tmp/attribution_results.json
+
+For each task: an ICL task vector (Hendel, replace mode) and a learned vector (LTV, add
+mode; skipped with --no-learn or when tvlens.learn is missing) at --layer, then
+- the re-injection test (OV weighted / packaged, MLP path), --n test prompts;
+- key heads: saliency, top 10%, zero/mean ablation vs 5 random sets, ground truth;
+- rotation vs scaling at --geometry-layers (ICL vectors at each layer).
+Prints one summary line per analysis and writes everything to --out (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import tvlens
+from tvlens.attribution import geometry_sweep, key_head_analysis, reinjection_test
+
+
+def vectors_for(model, task, layer: int, learn: bool) -> dict:
+    out = {"icl-tv": tvlens.icl_task_vector(model, task, layer)}
+    if learn:
+        try:
+            from tvlens.learn import learn_task_vector
+        except ImportError:
+            return out
+        out["ltv"] = learn_task_vector(model, task, layer, steps=60)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", nargs="+", default=["antonym", "capitalize", "country_capital"])
+    ap.add_argument("--layer", type=int, default=14)
+    ap.add_argument("--geometry-layers", type=int, nargs="+", default=[4, 10, 16, 22, 27])
+    ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--copies", type=int, default=256)
+    ap.add_argument("--no-learn", action="store_true")
+    ap.add_argument("--no-geometry", action="store_true")
+    ap.add_argument("--out", default="/tmp/attribution_results.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model = tvlens.load_model(progress=False)
+    results = {"args": vars(args), "tasks": {}}
+    for name in args.tasks:
+        task = tvlens.load_task(name)
+        res = results["tasks"][name] = {}
+        for kind, vec in vectors_for(model, task, args.layer, not args.no_learn).items():
+            t0 = time.time()
+            ov = reinjection_test(model, task, vec, n=args.n)
+            ov.pop("dla_packaged")
+            kh = key_head_analysis(model, task, vec, n=min(args.n, 16))
+            prof = torch.tensor(kh["saliency"]).sum(1).tolist()
+            kh_small = {k: v for k, v in kh.items() if k not in ("saliency", "attribution", "ground_truth")}
+            kh_small["layer_profile"] = prof
+            res[kind] = {"ov": ov, "key_heads": kh_small}
+            print(f"{name:16s} {kind:6s} zero-shot {ov['zero_shot']:.2f} vector {ov['vector_accuracy']:.2f} "
+                  f"| OV weighted {ov['ov_weighted_accuracy']:.2f} ({ov['ov_weighted_recovery']:.2f}) "
+                  f"packaged {ov['ov_packaged_accuracy']:.2f} ({ov['ov_packaged_recovery']:.2f}) "
+                  f"MLP {ov['mlp_accuracy']:.2f} ({ov['mlp_recovery']:.2f})", flush=True)
+            for mode, r in kh["ablation"].items():
+                print(f"{'':16s} {kind:6s} {mode} ablation: none {r['baseline_accuracy']:.2f} "
+                      f"key {r['ablated_accuracy']:.2f} random {r['random_accuracy']:.2f} "
+                      f"[{r['random_ci'][0]:.2f}, {r['random_ci'][1]:.2f}]", flush=True)
+            top_layers = sorted({h[0] for h in kh["key_heads"]})
+            print(f"{'':16s} {kind:6s} key-head layers {top_layers}; spearman {kh['spearman']:.2f} "
+                  f"top-10% overlap {kh['top_overlap']:.2f}  ({time.time() - t0:.0f}s)", flush=True)
+        if not args.no_geometry:
+            t0 = time.time()
+            vecs = {layer: tvlens.icl_task_vector(model, task, layer) for layer in args.geometry_layers}
+            geo = geometry_sweep(model, task, vecs, n_copies=args.copies, n=args.n)
+            res["geometry"] = geo
+            for i, layer in enumerate(geo["layers"]):
+                lens = geo["logit_lens"][i]
+                print(f"{name:16s} geometry L{layer:2d}: R² {geo['fit_r2'][i]:.2f} cos(θ,Qθ) "
+                      f"{geo['rotation_cos'][i]:.2f} ‖Sθ‖/‖θ‖ {geo['scale_ratio'][i]:.2f} acc θ "
+                      f"{geo['vector_accuracy'][i]:.2f} Wθ {geo['linear_accuracy'][i]:.2f} | align θ "
+                      f"{lens['theta']['alignment']:.2f} Qθ {lens['Q_theta']['alignment']:.2f} Wθ "
+                      f"{lens['W_theta']['alignment']:.2f}", flush=True)
+            print(f"  ({time.time() - t0:.0f}s)", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, default=str, indent=1)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Adaptive task vectors: expansion shapes, the injection oracle, training, files, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tvlens
+from tvlens.adaptive import (
+    AdaptiveGenerator, Expansion, check_unseen, expansion_parameter_count, make_generator,
+    train_generator, training_pairs,
+)
+from tvlens.adaptive.analysis import (
+    generated_vectors, layer_norm_profile, projection_2d, similarity_structure,
+)
+from tvlens.errors import TvlensError
+from tvlens.prompts import make_examples, tokenize
+from tvlens.scoring import answer_nll
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests are many tiny forwards: one thread is fastest on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gen(tiny, task, **kw):
+    kw.setdefault("init", "default")
+    return make_generator(tiny, "native", texts=[x for x, _ in task.pairs], **kw)
+
+
+# ----- expansion ------------------------------------------------------------------------
+@pytest.mark.parametrize("rank", [None, 5])
+def test_expansion_shapes_and_parameter_count(rank):
+    d_gen, L, d = 24, 3, 16
+    exp = Expansion(d_gen, L, d, rank=rank, init="default")
+    out = exp(torch.randn(7, d_gen))
+    assert out.shape == (7, L, d)
+    counted = sum(p.numel() for p in exp.parameters())
+    expected = d_gen * L * d + L * d if rank is None else d_gen * rank + rank * L * d + L * d
+    assert counted == expected == expansion_parameter_count(d_gen, L, d, rank)
+
+
+def test_expansion_is_linear_and_zero_initialised():
+    exp = Expansion(8, 2, 4, init="default")
+    a, b = torch.randn(1, 8), torch.randn(1, 8)
+    bias = exp(torch.zeros(1, 8))
+    torch.testing.assert_close(exp(a + b) - bias, (exp(a) - bias) + (exp(b) - bias), atol=1e-5, rtol=0)
+    assert torch.count_nonzero(Expansion(8, 2, 4)(torch.randn(3, 8))) == 0
+
+
+# ----- the injection oracle -------------------------------------------------------------
+@pytest.mark.parametrize("position", ["last", "all"])
+def test_injected_residual_is_each_examples_own_vector(tiny, task, position):
+    gen = _gen(tiny, task, layers=(0, 2), position=position, scale=0.7)
+    examples = make_examples(task.test[:5])
+    examples[1] = tvlens.Example("w1 w2 w3", "o1")  # a longer prompt: real left padding
+    batch = tokenize(tiny, examples, "qa")
+    v = gen.generate([e.x for e in examples]).detach()  # [B, L, d]
+    store = {}
+
+    def saver(key):
+        def fn(act, hook=None):
+            store[key] = act.detach().clone()
+            return act
+        return fn
+
+    hooks = []
+    for layer in gen.layers:
+        hooks.append((f"blocks.{layer}.hook_resid_post", saver(("pre", layer))))
+    hooks += gen.hooks(tiny, batch)
+    for layer in gen.layers:
+        hooks.append((f"blocks.{layer}.hook_resid_post", saver(("post", layer))))
+    with torch.no_grad():
+        tiny.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=hooks)
+    last = batch.position_index("last")
+    mask = batch.attention_mask.bool()
+    for li, layer in enumerate(gen.layers):
+        diff = store[("post", layer)] - store[("pre", layer)]
+        expected = torch.zeros_like(diff)
+        for b in range(len(batch)):
+            if position == "last":
+                expected[b, last[b]] = 0.7 * v[b, li]
+            else:
+                expected[b, mask[b]] = 0.7 * v[b, li]
+        torch.testing.assert_close(diff, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(v[0], v[2])  # the vectors really are per query
+
+
+def test_task_vector_applies_like_the_generator(tiny, task):
+    gen = _gen(tiny, task, layers=(1,), scale=2.0)
+    xs = [x for x, _ in task.test[:4]]
+    batch = tokenize(tiny, make_examples(task.test[:4]), "qa")
+    tv = gen.task_vector(xs, task="tiny")
+    assert isinstance(tv, tvlens.TaskVector) and tv.vectors.shape == (4, 1, 1, 32)
+    with torch.no_grad():
+        a = tvlens.forward(tiny, batch, gen.hooks(tiny, batch))
+        b = tvlens.forward(tiny, batch, tv.hooks(tiny, batch))
+        c = tvlens.forward(tiny, batch)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (a - c).abs().max() > 1e-3
+    one = gen.task_vector(xs[0])
+    torch.testing.assert_close(one.vectors, tv.vectors[0])
+
+
+# ----- training -------------------------------------------------------------------------
+def test_training_lowers_the_loss_of_a_fixed_mapping(task):
+    # A wider target than the `tiny` fixture: a random 32-wide model with tied embeddings
+    # bounds its logits so tightly that even free per-example vectors stall near loss 1.7.
+    # The answer " o3" is two word pieces (" o", "3"); position "all" reaches both.
+    target = tvlens.tiny_model(texts=[f"Q: {x}\nA: {y}\n\n" for x, y in task.pairs],
+                               n_layers=2, d_model=128, n_heads=4, seed=0)
+    gen = make_generator(target, "native", texts=[x for x, _ in task.pairs], position="all")
+    batch = tokenize(target, make_examples(task.train), "qa")
+
+    def loss():
+        with torch.no_grad():
+            return float(answer_nll(target, batch, gen.hooks(target, batch)).mean())
+
+    before = loss()
+    frozen = [p.detach().clone() for p in target.parameters()]
+    hist = train_generator(target, gen, [task], epochs=40, batch_size=10, lr=5e-3, progress=False)
+    after = loss()
+    assert after < 0.3 * before, (before, after)
+    assert hist["steps"] == 80 and len(hist["loss"]) == 80
+    assert all(torch.equal(a, b) for a, b in zip(frozen, target.parameters()))  # target frozen
+    assert all(p.requires_grad for p in target.parameters())  # flags restored
+    acc = tvlens.evaluate(target, task, vector=gen, template="qa", split="train").accuracy
+    assert acc == 1.0  # the first piece " o" is shared by every answer
+
+
+def test_resume_takes_the_same_steps(tiny, task, tmp_path):
+    kw = dict(epochs=2, batch_size=8, lr=5e-3, progress=False, seed=3)
+    straight = _gen(tiny, task, init="zeros")
+    train_generator(tiny, straight, [task], **kw)
+    resumed = _gen(tiny, task, init="zeros")
+    train_generator(tiny, resumed, [task], checkpoint_dir=tmp_path, max_steps=3, **kw)
+    again = _gen(tiny, task, init="zeros")
+    hist = train_generator(tiny, again, [task], checkpoint_dir=tmp_path, resume=True, **kw)
+    assert hist["steps"] == 6
+    for (n, a), (_, b) in zip(straight.named_parameters(), again.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+
+
+# ----- files ----------------------------------------------------------------------------
+def test_save_load_reproduces_the_vectors(tiny, task, tmp_path):
+    gen = _gen(tiny, task, rank=4, position="all", scale=0.5)
+    gen.save(tmp_path / "g")
+    back = AdaptiveGenerator.load(tmp_path / "g", tiny)
+    xs = [x for x, _ in task.test]
+    with torch.no_grad():
+        assert torch.equal(gen.generate(xs), back.generate(xs))
+    assert back.config == gen.config
+    other = tvlens.tiny_model(texts=["Q: a\nA: b"], n_layers=2, d_model=16, n_heads=2)
+    with pytest.raises(TvlensError, match="trained for"):
+        AdaptiveGenerator.load(tmp_path / "g", other)
+    with pytest.raises(TvlensError, match="no saved generator"):
+        AdaptiveGenerator.load(tmp_path / "missing", tiny)
+    batch = tokenize(other, make_examples([("a", "b")]), "qa")
+    with pytest.raises(TvlensError, match="trained for"):
+        gen.hooks(other, batch)
+
+
+# ----- bad input ------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [0, 0.0, math.inf, math.nan, "1"])
+def test_bad_scale(tiny, task, scale):
+    with pytest.raises(TvlensError, match="λ"):
+        _gen(tiny, task, scale=scale)
+    gen = _gen(tiny, task)
+    if scale != "1":
+        with pytest.raises(TvlensError, match="λ"):
+            gen.scaled(scale)
+
+
+def test_bad_tasks_and_layers(tiny, task):
+    with pytest.raises(TvlensError, match="no training tasks"):
+        training_pairs([])
+    with pytest.raises(TvlensError, match="no training tasks"):
+        train_generator(tiny, _gen(tiny, task), [], progress=False)
+    with pytest.raises(TvlensError, match="also training tasks"):
+        check_unseen(["antonym", "tiny"], [task])
+    with pytest.raises(TvlensError, match="out of range"):
+        _gen(tiny, task, layers=(5,))
+    with pytest.raises(TvlensError, match="separate model"):
+        make_generator(tiny, tiny)
+
+
+def test_query_longer_than_the_generators_context(tiny, task):
+    gen = _gen(tiny, task, native={"n_ctx": 10})  # "Q: w1\nA:" is 8 word pieces with BOS
+    with pytest.raises(TvlensError, match="longer than the generator's context"):
+        gen.generate(["w1 w2 w3 w4 w5 w6 w7"])
+    gen.generate(["w1"])  # short queries still fit
+
+
+# ----- analysis -------------------------------------------------------------------------
+def test_similarity_and_projection_on_planted_clusters():
+    torch.manual_seed(0)
+    a = torch.randn(1, 2, 8) + 0.05 * torch.randn(6, 2, 8)
+    b = torch.randn(1, 2, 8) + 0.05 * torch.randn(6, 2, 8)
+    labels = ["a"] * 6 + ["b"] * 6
+    sims = similarity_structure(torch.cat([a, b]), labels)
+    assert sims["within"] > 0.95 and sims["across"] < sims["within"] - 0.2
+    df = projection_2d(torch.cat([a, b]), labels)
+    gap = abs(df[df.task == "a"].pc1.mean() - df[df.task == "b"].pc1.mean())
+    assert gap > 5 * df.groupby("task").pc1.std().max()
+
+
+def test_generated_vectors_and_norm_profile(tiny, task):
+    gen = _gen(tiny, task, layers=(0, 1), scale=3.0)
+    v, labels = generated_vectors(gen, [task], n=5)
+    assert v.shape == (5, 2, 32) and labels == ["tiny"] * 5
+    prof = layer_norm_profile(gen, v)
+    torch.testing.assert_close(torch.tensor(prof.mean_norm.tolist()), 3.0 * v.norm(dim=-1).mean(0))
+
+
+# ----- the embedded model ---------------------------------------------------------------
+@pytest.mark.slow
+def test_oracle_and_one_step_on_smollm2(smol):
+    task = tvlens.load_task("antonym")
+    gen = make_generator(smol, "native", texts=[x for x, _ in task.pairs], layers=(3, 20),
+                         init="default", scale=0.1)
+    batch = tokenize(smol, make_examples(task.test[:3]), "qa")
+    v = gen.generate([e.x for e in batch.examples]).detach()
+    store = {}
+    hooks = [("blocks.20.hook_resid_post", lambda a, hook=None: store.setdefault("pre", a.clone()))]
+    hooks += gen.hooks(smol, batch)
+    hooks += [("blocks.20.hook_resid_post", lambda a, hook=None: store.setdefault("post", a.clone()))]
+    with torch.no_grad():
+        smol.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=hooks)
+    last = batch.position_index("last")
+    diff = store["post"] - store["pre"]
+    for b in range(3):
+        torch.testing.assert_close(diff[b, last[b]], 0.1 * v[b, 1], atol=1e-4, rtol=1e-4)
+    r = tvlens.evaluate(smol, task, vector=gen, template="qa", n=4, progress=False)
+    assert r.n == 4 and r.vector == "atv"
+
+
+def test_compare_table_and_ltv_column(tiny, task):
+    from tvlens.adaptive.analysis import compare, summary
+    from tvlens.tasks import Task
+
+    other = Task("other", tuple((x, y) for x, y in task.pairs))
+    gen = _gen(tiny, task)
+    table = compare(tiny, gen, [task], [other], n=5, shots=2, ltv_steps=2)
+    assert list(table.method) == ["zero-shot", "icl-2", "atv", "ltv"] * 2
+    assert list(table.group) == ["in-domain"] * 4 + ["unseen"] * 4
+    assert (table.ci_low <= table.accuracy).all() and (table.accuracy <= table.ci_high).all()
+    assert summary(table).shape == (2, 4)
+    with pytest.raises(TvlensError, match="also training tasks"):
+        compare(tiny, gen, [task], [task], n=5)
+    with pytest.raises(TvlensError, match="no tasks"):
+        compare(tiny, gen, [], [], n=5)
+
+
+# ----- CLI ------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", " , "], "no tasks given"),
+    (["--tasks", "antonym", "--scale", "0"], "λ"),
+    (["--tasks", "antonym", "--scale", "nan"], "λ"),
+    (["--tasks", "no_such_task"], "unknown task"),
+])
+def test_cli_train_bad_input(tmp_path, capsys, argv, message):
+    from tvlens.cli import main
+
+    assert main(["adaptive", "train", "--out", str(tmp_path / "g"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_train_then_evaluate(tmp_path, capsys):
+    import json
+
+    from tvlens.cli import main
+
+    out = tmp_path / "gen"
+    argv = ["adaptive", "train", "--tasks", "antonym,uppercase", "--out", str(out), "--layers",
+            "10,20", "--max-steps", "1", "--n-per-task", "4", "--batch-size", "4", "--json",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["steps"] == 1 and trained["expansion_parameters"] == 576 * 2 * 576 + 2 * 576
+    assert main(["adaptive", "evaluate", "--generator-dir", str(out), "--task", "antonym",
+                 "--n", "4", "--json", "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "ci_low", "ci_high", "zero_shot", "icl"} <= set(res)
+    assert res["seen_in_training"] and res["n"] == 4 and res["ci_low"] <= res["accuracy"] <= res["ci_high"]

@@ -1,0 +1,203 @@
+"""Learned task vectors: gradients, frozen model, convergence, resume, prefix caching."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tvlens.errors import TvlensError
+from tvlens.learn import learn_task_vector
+from tvlens.learn.experiments import composed_task
+from tvlens.learn.prefix import capture_prefix
+from tvlens.learn.trainer import _rows, ltv_loss
+from tvlens.prompts import make_examples, tokenize, with_answers
+from tvlens.tasks import Task, load_task
+
+FAST = dict(steps=4, dev_every=2, n_dev=4, progress=False)
+
+
+WORDS = ("cat dog sun moon tree fish bird rock leaf star lamp desk door wall road hill lake ship "
+         "coin ring milk salt rain snow wind fire sand gold iron wood bell drum").split()
+
+
+@pytest.fixture
+def fixed_task():
+    """Every input maps to the same one-token output: a constant vector can fit it."""
+    return Task("fixed", tuple((w, "yes") for w in WORDS))
+
+
+@pytest.fixture
+def upper_task():
+    return Task("upper", tuple((w, w.upper()) for w in WORDS))
+
+
+@pytest.fixture
+def tiny(fixed_task, upper_task):
+    """A 3-layer GQA native model whose word tokenizer covers both tasks."""
+    from tvlens.models import tiny_model
+
+    texts = [f"{x} -> {y}\n" for t in (fixed_task, upper_task) for x, y in t.pairs]
+    model = tiny_model(texts=texts, n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, seed=0)
+    # A random 32-wide unembedding caps logit margins near 2 nats (the final norm bounds
+    # its input), so no vector could fit a mapping; scale it so a fit is reachable.
+    with torch.no_grad():
+        model.unembed.original_component.weight.mul_(10)
+    return model
+
+
+def _grads(model, tf, layers, positions, theta, prefix):
+    theta = theta.clone().requires_grad_(True)
+    loss = ltv_loss(model, tf, layers, positions, theta, prefix=prefix)
+    (grad,) = torch.autograd.grad(loss, theta)
+    return loss.detach(), grad
+
+
+def _prefix_vs_full(model, task, layers, positions, shots=0):
+    examples = make_examples(task.train[:12], task.train, shots=shots, seed=0)
+    tf = with_answers(tokenize(model, examples), 0)
+    tf = _rows(tf, list(range(len(examples))))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    theta = torch.randn(len(layers), len(positions), model.cfg.d_model, generator=gen)
+    l0 = min(layers)
+    cache, as_tuple = capture_prefix(model, tf.input_ids, tf.attention_mask, l0, chunk=5)
+    full = _grads(model, tf, layers, positions, theta, None)
+    cached = _grads(model, tf, layers, positions, theta, (l0, cache, as_tuple))
+    torch.testing.assert_close(cached[0], full[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached[1], full[1], atol=1e-5, rtol=1e-5)
+    assert full[1].abs().sum() > 0  # the comparison is not between two zeros
+    return as_tuple
+
+
+@pytest.mark.parametrize("layers,positions", [([1], ["last"]), ([0, 2], ["last", -2])])
+def test_prefix_cache_equals_full_forward(tiny, upper_task, layers, positions):
+    assert _prefix_vs_full(tiny, upper_task, layers, positions) is True  # native block returns a tuple
+    # every block's module is restored after the cached forwards
+    assert all(type(b.original_component).__name__ == "NativeBlock" for b in tiny.blocks)
+
+
+def test_cached_step_skips_the_early_blocks(tiny, upper_task):
+    calls = []
+    handles = [b.original_component.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+               for i, b in enumerate(tiny.blocks)]
+    tf = with_answers(tokenize(tiny, make_examples(upper_task.train[:4])), 0)
+    cache, as_tuple = capture_prefix(tiny, tf.input_ids, tf.attention_mask, 1)
+    assert calls == [0, 1]  # the capture stops after block 1
+    calls.clear()
+    theta = torch.zeros(1, 1, tiny.cfg.d_model)
+    ltv_loss(tiny, tf, [1], ["last"], theta, prefix=(1, cache, as_tuple))
+    assert calls == [2]
+    for h in handles:
+        h.remove()
+
+
+def test_gradients_reach_theta_only_and_model_is_untouched(tiny, fixed_task):
+    before = {n: p.detach().clone() for n, p in tiny.named_parameters()}
+    flags = {n: p.requires_grad for n, p in tiny.named_parameters()}
+    tv = learn_task_vector(tiny, fixed_task, [1], **FAST)
+    for n, p in tiny.named_parameters():
+        assert p.grad is None, n
+        assert torch.equal(p.detach(), before[n]), n
+        assert p.requires_grad == flags[n], n
+    assert tv.vectors.abs().sum() > 0 and not tv.vectors.requires_grad
+    assert tv.mode == "add" and tv.method == "ltv" and tv.history["prefix_cache"]
+
+
+def test_training_drives_the_loss_of_a_fixed_mapping_down(tiny, fixed_task):
+    tv = learn_task_vector(tiny, fixed_task, [1], steps=30, dev_every=30, n_dev=4,
+                           progress=False)
+    loss = tv.history["loss"]
+    assert loss[0] > 2.0
+    assert min(loss[-5:]) < 0.1 * loss[0], loss
+
+
+def test_resumed_run_equals_uninterrupted(tiny, fixed_task, tmp_path):
+    kw = dict(dev_every=3, n_dev=4, progress=False, checkpoint_every=5, patience=50, lr=0.1)
+    full = learn_task_vector(tiny, fixed_task, [1], steps=10, **kw)
+    (tmp_path / "a").mkdir()
+    learn_task_vector(tiny, fixed_task, [1], steps=5, checkpoint_dir=tmp_path / "a", **kw)
+    resumed = learn_task_vector(tiny, fixed_task, [1], steps=10, checkpoint_dir=tmp_path / "a",
+                                resume=True, **kw)
+    torch.testing.assert_close(resumed.vectors, full.vectors, atol=0, rtol=0)
+    assert resumed.history["loss"] == full.history["loss"]
+    assert resumed.history["dev"] == full.history["dev"]
+
+
+def test_resume_refuses_another_configuration(tiny, fixed_task, upper_task, tmp_path):
+    learn_task_vector(tiny, fixed_task, [1], checkpoint_dir=tmp_path, checkpoint_every=2, **FAST)
+    with pytest.raises(TvlensError, match="exists; pass resume=True"):
+        learn_task_vector(tiny, fixed_task, [1], checkpoint_dir=tmp_path, **FAST)
+    with pytest.raises(TvlensError, match="another run.*layers"):
+        learn_task_vector(tiny, fixed_task, [2], checkpoint_dir=tmp_path, resume=True, **FAST)
+    with pytest.raises(TvlensError, match="another run.*task"):
+        learn_task_vector(tiny, upper_task, [1], checkpoint_dir=tmp_path, resume=True, **FAST)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny, fixed_task, tmp_path):
+    from tvlens.learn.checkpoint import checkpoint_path, load_checkpoint
+
+    # lr 1e20: the first step is fine, then θ overflows (a non-finite θ or loss)
+    with pytest.raises(TvlensError, match=r"diverged at step (\d+).*last good checkpoint") as err:
+        learn_task_vector(tiny, fixed_task, [1], lr=1e20, checkpoint_dir=tmp_path,
+                          checkpoint_every=1, **dict(FAST, steps=8))
+    bad_step = int(re.search(r"step (\d+)", str(err.value)).group(1))
+    tensors, meta = load_checkpoint(checkpoint_path(tmp_path))
+    assert bad_step >= 2 and meta["state"]["step"] == bad_step - 1
+    assert torch.isfinite(tensors["phi"]).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(layers=[]), "no layers"),
+    (dict(layers=[1], positions=[]), "no positions"),
+    (dict(layers=[1], steps=0), "steps must be a positive"),
+    (dict(layers=[7]), "out of range"),
+    (dict(layers=[1], positions=[9]), "falls outside"),
+])
+def test_bad_input(tiny, fixed_task, kwargs, match):
+    args = dict(FAST, **kwargs)
+    layers = args.pop("layers")
+    with pytest.raises(TvlensError, match=match):
+        learn_task_vector(tiny, fixed_task, layers, **args)
+
+
+def test_composed_task_applies_both_maps():
+    t = composed_task("english_french", "capitalize")
+    assert ("dog", "Chien") in t.pairs and t.name == "english_french+capitalize"
+    assert len(t.pairs) == len(load_task("english_french").pairs)
+
+
+@pytest.mark.slow
+def test_prefix_cache_equals_full_forward_on_smollm2(smol):
+    task = load_task("antonym")
+    assert _prefix_vs_full(smol, task, [10], ["last"]) is False  # HF layer returns a tensor
+    _prefix_vs_full(smol, task, [4, 20], ["last", -2], shots=2)
+
+
+def test_cli_refuses_bad_layers(tmp_path, capsys):
+    from tvlens.cli import main
+
+    assert main(["learn", "--task", "antonym", "--layers", "ten", "--out",
+                 str(tmp_path / "v.safetensors")]) == 2
+    assert "--layers 'ten' must be comma-separated integers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_learn_json(tmp_path, capsys):
+    import json
+
+    from tvlens.cli import main
+    from tvlens.vector import TaskVector
+
+    out = tmp_path / "v.safetensors"
+    assert main(["learn", "--task", "antonym", "--layers", "10", "--steps", "3", "--n", "8",
+                 "--out", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in ("accuracy", "ci_low", "ci_high", "zero_shot", "icl", "layers", "positions",
+                "steps", "train_seconds"):
+        assert key in data, key
+    assert data["layers"] == [10] and data["steps"] == 3 and data["prefix_cache"] is True
+    tv = TaskVector.load(out)
+    assert tv.method == "ltv" and tv.layers == (10,) and len(tv.history["loss"]) == 3

@@ -1,0 +1,222 @@
+"""Layer sweeps and one-call extraction for the three extracted methods.
+
+A sweep evaluates a method's vector injected at each layer ``l`` (first-token accuracy
+with a 95% bootstrap CI, :func:`tvlens.evaluation.evaluate`) next to two references on
+the same items: zero-shot (no vector) and K-shot ICL. ``layer="auto"`` picks the layer
+with the best accuracy on the **dev** split (ties → the earliest layer); the reported
+numbers then come from the **test** split, so the choice never sees test items.
+
+Vectors are computed once for all layers: ICL-TV and vanilla read every layer's
+residual in the same forwards; the FV (built from heads, whatever the layer) is only
+moved from layer to layer.
+
+=========  =========  =====  ========  =====================================
+method     mode       K      template  vector
+=========  =========  =====  ========  =====================================
+icl-tv     replace    5      arrow     mean ICL residual (Hendel)
+vanilla    add        5      arrow     mean ICL − mean zero-shot residual
+fv         add        10     qa        Σ top-k heads z̄ @ W_O (Todd)
+=========  =========  =====  ========  =====================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pandas as pd
+
+from tvlens.errors import TvlensError
+from tvlens.evaluation import EvalResult, evaluate
+from tvlens.extract.fv import function_vector
+from tvlens.extract.icl_tv import icl_task_vector, vanilla_task_vector
+from tvlens.injection import check_layer
+from tvlens.models.loading import fingerprint
+from tvlens.prompts import answer_token_ids, get_template
+from tvlens.tasks.task import Task
+from tvlens.vector import TaskVector
+
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "icl-tv": {"shots": 5, "template": "arrow"},
+    "vanilla": {"shots": 5, "template": "arrow"},
+    "fv": {"shots": 10, "template": "qa"},
+}
+
+
+def check_method(method: str) -> str:
+    if method not in METHOD_DEFAULTS:
+        raise TvlensError(f"unknown method {method!r}; use one of {', '.join(METHOD_DEFAULTS)}")
+    return method
+
+
+def vectors_by_layer(model, task: Task, method: str, layers: Sequence[int], *,
+                     shots: int | None = None, template=None, n_prompts: int = 32, k: int = 10,
+                     n_ie_prompts: int = 16, seed: int = 0) -> dict[int, TaskVector]:
+    """One single-layer :class:`TaskVector` per layer of ``layers`` for ``method``."""
+    check_method(method)
+    shots = METHOD_DEFAULTS[method]["shots"] if shots is None else shots
+    template = get_template(template or METHOD_DEFAULTS[method]["template"])
+    layers = [check_layer(model, layer) for layer in layers]
+    if not layers:
+        raise TvlensError("no layers to sweep; give at least one layer")
+    if method == "fv":
+        fv = function_vector(model, task, k, layer=layers[0], shots=shots, n_prompts=n_prompts,
+                             n_ie_prompts=n_ie_prompts, template=template, seed=seed)
+        return {layer: replace(fv, layers=(layer,)) for layer in layers}
+    make = icl_task_vector if method == "icl-tv" else vanilla_task_vector
+    tv = make(model, task, layers, shots=shots, n_prompts=n_prompts, template=template, seed=seed)
+    return {layer: replace(tv, vectors=tv.vectors[i : i + 1], layers=(layer,))
+            for i, layer in enumerate(layers)}
+
+
+def check_first_token_scorable(model, task: Task, template, split: str = "test") -> None:
+    """Refuse a task whose answers are all multi-token when first-token accuracy is asked."""
+    tmpl = get_template(template)
+    items = task.split(split)[:64] or task.pairs[:64]
+    lengths = [len(answer_token_ids(model.tokenizer, tmpl.format_query(x), tmpl.format_answer(y)))
+               for x, y in items]
+    if lengths and min(lengths) > 1:
+        raise TvlensError(
+            f"every answer of task {task.name!r} is several tokens long, so first-token accuracy "
+            "says little; use metric='exact_match' (CLI: --exact-match)"
+        )
+
+
+def _row(r: EvalResult, metric: str) -> tuple[float, float, float]:
+    if metric == "exact_match":
+        from tvlens.scoring import bootstrap_ci
+        x = r.records["exact_match"].to_numpy(dtype=float)
+        lo, hi = bootstrap_ci(x)
+        return float(x.mean()), lo, hi
+    return r.accuracy, r.ci_low, r.ci_high
+
+
+@dataclass
+class LayerSweep:
+    """Accuracy by layer (``curve``: layer, accuracy, ci_low, ci_high, n) and references."""
+
+    method: str
+    task: str
+    model: str
+    split: str
+    shots: int
+    curve: pd.DataFrame
+    zero_shot: tuple[float, float, float]
+    icl: tuple[float, float, float]
+    metric: str = "first_token"
+    vectors: dict[int, TaskVector] = field(default_factory=dict, repr=False)
+
+    @property
+    def best_layer(self) -> int:
+        """The layer of highest accuracy (the earliest among ties)."""
+        c = self.curve
+        return int(c.loc[c["accuracy"].idxmax(), "layer"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "task": self.task, "model": self.model, "split": self.split,
+            "shots": self.shots, "metric": self.metric, "best_layer": self.best_layer,
+            "zero_shot": list(self.zero_shot), "icl": list(self.icl),
+            "curve": self.curve.to_dict(orient="records"),
+        }
+
+    def figure(self, title: str | None = None):
+        """Plotly figure via ``tvlens.plots.accuracy_by_layer``."""
+        from tvlens import plots
+
+        return plots.accuracy_by_layer(
+            {self.method: self.curve},
+            {"zero-shot": self.zero_shot, f"ICL ({self.shots}-shot)": self.icl},
+            title=title or f"{self.method} on {self.task} ({self.model}, {self.split})",
+        )
+
+
+def layer_sweep(model, task: Task, method: str, layers: Sequence[int] | None = None, *,
+                split: str = "dev", n: int | None = None, shots: int | None = None,
+                template=None, n_prompts: int = 32, k: int = 10, n_ie_prompts: int = 16,
+                batch_size: int = 16, seed: int = 0, metric: str = "first_token",
+                vectors: dict[int, TaskVector] | None = None) -> LayerSweep:
+    """Evaluate ``method``'s vector at each of ``layers`` (default: all) on ``split``.
+
+    Returns a :class:`LayerSweep` with the zero-shot and ICL references on the same items.
+    ``vectors`` reuses vectors from an earlier sweep (one per layer).
+    """
+    check_method(method)
+    if metric not in ("first_token", "exact_match"):
+        raise TvlensError(f"unknown metric {metric!r}; use 'first_token' or 'exact_match'")
+    shots = METHOD_DEFAULTS[method]["shots"] if shots is None else shots
+    template = get_template(template or METHOD_DEFAULTS[method]["template"])
+    layers = list(range(int(model.cfg.n_layers))) if layers is None else list(layers)
+    if metric == "first_token":
+        check_first_token_scorable(model, task, template, split)
+    if vectors is None:
+        vectors = vectors_by_layer(model, task, method, layers, shots=shots, template=template,
+                                   n_prompts=n_prompts, k=k, n_ie_prompts=n_ie_prompts, seed=seed)
+    em = metric == "exact_match"
+    kw = dict(split=split, n=n, template=template, batch_size=batch_size, seed=seed,
+              exact_match=em, progress=False)
+    rows = []
+    for layer in layers:
+        r = evaluate(model, task, vector=vectors[layer], **kw)
+        acc, lo, hi = _row(r, metric)
+        rows.append({"layer": layer, "accuracy": acc, "ci_low": lo, "ci_high": hi, "n": r.n})
+    zero = _row(evaluate(model, task, shots=0, **kw), metric)
+    icl = _row(evaluate(model, task, shots=shots, **kw), metric)
+    return LayerSweep(method, task.name, fingerprint(model).name, split, shots,
+                      pd.DataFrame(rows), zero, icl, metric, vectors)
+
+
+@dataclass
+class Extraction:
+    """A vector at its layer with test accuracy and the zero-shot / ICL references."""
+
+    vector: TaskVector
+    method: str
+    layer: int
+    test: tuple[float, float, float]
+    zero_shot: tuple[float, float, float]
+    icl: tuple[float, float, float]
+    n: int
+    sweep: LayerSweep | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"method": self.method, "task": self.vector.task, "model": self.vector.model.name,
+               "layer": self.layer, "accuracy": self.test[0], "ci_low": self.test[1],
+               "ci_high": self.test[2], "zero_shot": self.zero_shot[0], "icl": self.icl[0],
+               "n": self.n, "shots": self.vector.hyperparameters.get("shots")}
+        if self.method == "fv":
+            out["heads"] = self.vector.history["heads"]
+        if self.sweep is not None:
+            out["dev_sweep"] = self.sweep.curve[["layer", "accuracy"]].to_dict(orient="records")
+        return out
+
+
+def extract(model, task: Task, method: str, *, layer: int | str = "auto", shots: int | None = None,
+            template=None, n_prompts: int = 32, k: int = 10, n_ie_prompts: int = 16,
+            n: int | None = None, n_dev: int | None = None, batch_size: int = 16, seed: int = 0,
+            metric: str = "first_token") -> Extraction:
+    """Make ``method``'s vector at ``layer`` (``"auto"``: best on dev) and score it on test."""
+    check_method(method)
+    shots = METHOD_DEFAULTS[method]["shots"] if shots is None else shots
+    template = get_template(template or METHOD_DEFAULTS[method]["template"])
+    common = dict(shots=shots, template=template, n_prompts=n_prompts, k=k,
+                  n_ie_prompts=n_ie_prompts, seed=seed)
+    sweep = None
+    if layer == "auto":
+        sweep = layer_sweep(model, task, method, split="dev", n=n_dev, batch_size=batch_size,
+                            metric=metric, **common)
+        layer = sweep.best_layer
+        vec = sweep.vectors[layer]
+    elif isinstance(layer, int) and not isinstance(layer, bool):
+        check_layer(model, layer)
+        vec = vectors_by_layer(model, task, method, [layer], **common)[layer]
+    else:
+        raise TvlensError(f"layer must be an integer or 'auto', got {layer!r}")
+    one = layer_sweep(model, task, method, [layer], split="test", n=n, batch_size=batch_size,
+                      metric=metric, vectors={layer: vec}, **common)
+    row = one.curve.iloc[0]
+    return Extraction(vec, method, layer, (float(row.accuracy), float(row.ci_low), float(row.ci_high)),
+                      one.zero_shot, one.icl, int(row.n), sweep)
+
+

@@ -23,15 +23,20 @@ import tvlens
 from tvlens.attribution import geometry_sweep, key_head_analysis, reinjection_test
 
 
-def vectors_for(model, task, layer: int, learn: bool) -> dict:
-    out = {"icl-tv": tvlens.icl_task_vector(model, task, layer)}
+def vectors_for(model, task, layer: int, learn: bool, template: str) -> dict:
+    out = {"icl-tv": tvlens.icl_task_vector(model, task, layer, template=template)}
     if learn:
-        try:
-            from tvlens.learn import learn_task_vector
-        except ImportError:
-            return out
-        out["ltv"] = learn_task_vector(model, task, layer, steps=60)
+        out["ltv"] = tvlens.learn_task_vector(model, task, [layer], steps=60, template=template,
+                                              progress=False)
     return out
+
+
+def geometry_vectors(model, task, layers, kind: str, template: str) -> dict:
+    """One vector per layer: learned (the LTV paper's analysis) or ICL task vectors."""
+    if kind == "ltv":
+        return {layer: tvlens.learn_task_vector(model, task, [layer], steps=40, template=template,
+                                                progress=False) for layer in layers}
+    return {layer: tvlens.icl_task_vector(model, task, layer, template=template) for layer in layers}
 
 
 def main() -> None:
@@ -43,6 +48,9 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=256)
     ap.add_argument("--no-learn", action="store_true")
     ap.add_argument("--no-geometry", action="store_true")
+    ap.add_argument("--template", default="qa",
+                    help="prompt template (qa: task vectors work on SmolLM2; arrow: they barely do)")
+    ap.add_argument("--geometry-vectors", choices=["ltv", "icl-tv"], default="ltv")
     ap.add_argument("--out", default="/tmp/attribution_results.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -51,11 +59,11 @@ def main() -> None:
     for name in args.tasks:
         task = tvlens.load_task(name)
         res = results["tasks"][name] = {}
-        for kind, vec in vectors_for(model, task, args.layer, not args.no_learn).items():
+        for kind, vec in vectors_for(model, task, args.layer, not args.no_learn, args.template).items():
             t0 = time.time()
-            ov = reinjection_test(model, task, vec, n=args.n)
+            ov = reinjection_test(model, task, vec, n=args.n, template=args.template)
             ov.pop("dla_packaged")
-            kh = key_head_analysis(model, task, vec, n=min(args.n, 16))
+            kh = key_head_analysis(model, task, vec, n=min(args.n, 16), template=args.template)
             prof = torch.tensor(kh["saliency"]).sum(1).tolist()
             kh_small = {k: v for k, v in kh.items() if k not in ("saliency", "attribution", "ground_truth")}
             kh_small["layer_profile"] = prof
@@ -73,8 +81,8 @@ def main() -> None:
                   f"top-10% overlap {kh['top_overlap']:.2f}  ({time.time() - t0:.0f}s)", flush=True)
         if not args.no_geometry:
             t0 = time.time()
-            vecs = {layer: tvlens.icl_task_vector(model, task, layer) for layer in args.geometry_layers}
-            geo = geometry_sweep(model, task, vecs, n_copies=args.copies, n=args.n)
+            vecs = geometry_vectors(model, task, args.geometry_layers, args.geometry_vectors, args.template)
+            geo = geometry_sweep(model, task, vecs, n_copies=args.copies, n=args.n, template=args.template)
             res["geometry"] = geo
             for i, layer in enumerate(geo["layers"]):
                 lens = geo["logit_lens"][i]

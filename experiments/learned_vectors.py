@@ -40,13 +40,14 @@ def grid(model, tasks, args) -> pd.DataFrame:
     rows = []
     for name in tasks:
         task = tvlens.load_task(name)
-        zs = tvlens.evaluate(model, task, n=args.n, progress=False)
-        icl = tvlens.evaluate(model, task, shots=5, n=args.n, progress=False)
+        kw = dict(n=args.n, progress=False, template=args.template)
+        zs = tvlens.evaluate(model, task, **kw)
+        icl = tvlens.evaluate(model, task, shots=5, **kw)
         for cfg_name in CONFIGURATIONS:
             cfg = configuration(model, cfg_name, args.base_layer)
             tv = learn_task_vector(model, task, cfg["layers"], cfg["positions"], shots=cfg["shots"],
-                                   steps=args.steps, progress=False)
-            res = tvlens.evaluate(model, task, vector=tv, shots=cfg["shots"], n=args.n, progress=False)
+                                   steps=args.steps, progress=False, template=args.template)
+            res = tvlens.evaluate(model, task, vector=tv, shots=cfg["shots"], **kw)
             rows.append({"task": name, "configuration": cfg_name, "layers": cfg["layers"],
                          "positions": cfg["positions"], "shots": cfg["shots"],
                          "ltv": res.accuracy, "ci_low": res.ci_low, "ci_high": res.ci_high,
@@ -67,6 +68,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--no-fv", action="store_true")
+    ap.add_argument("--template", default="qa", help="qa (default) or arrow")
+    ap.add_argument("--compose", default="present_past,capitalize",
+                    help="two tasks A,B: vectors for A and B are added and scored on B(A(x))")
     ap.add_argument("--out", default="/tmp/ltv_results")
     args = ap.parse_args()
     out = Path(args.out)
@@ -84,7 +88,7 @@ def main() -> None:
         layers = [int(x) for x in args.layers.split(",")]
         for name in tasks:
             curves, refs, missing = layer_sweep(model, name, layers, n=args.n, steps=args.steps,
-                                                include_fv=not args.no_fv)
+                                                include_fv=not args.no_fv, template=args.template)
             df = pd.concat(curves.values())
             df.to_json(out / f"sweep_{name}.json", orient="records")
             print(f"## {name}  (missing methods: {missing or 'none'}); references: "
@@ -93,8 +97,9 @@ def main() -> None:
             fig = accuracy_by_layer(curves, refs, title=f"{name}: accuracy by layer (SmolLM2-135M)")
             export(fig, out / f"sweep_{name}.html")
     else:
-        df = composition(model, "english_french", "capitalize", args.base_layer or 10,
-                         n=args.n, steps=args.steps, progress=False)
+        first, second = args.compose.split(",")
+        df = composition(model, first, second, args.base_layer or 10, n=args.n, steps=args.steps,
+                         progress=False, template=args.template)
         df.to_json(out / "compose.json", orient="records")
         print(markdown(df))
     print(f"done in {time.perf_counter() - t0:.0f} s")

@@ -38,7 +38,9 @@ def register(sub) -> None:
     p.add_argument("--vector", default=None, help="a saved task vector (.safetensors) to inject")
     p.add_argument("--split", default="test", choices=["train", "dev", "test", "all"])
     p.add_argument("--n", type=int, default=None, help="evaluate the first N items of the split")
-    p.add_argument("--template", default="arrow", help="arrow, qa, or a demo string with {x} and {y}")
+    p.add_argument("--template", default=None,
+                   help="arrow, qa, or a demo string with {x} and {y} (default: the template the "
+                        "vector was made with, else arrow)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exact-match", action="store_true", help="also greedy-decode full answers")
@@ -96,8 +98,9 @@ def cmd_evaluate(args) -> int:
     task = load_task_arg(args)
     model = load_model_arg(args)
     vector = TaskVector.load(args.vector, model) if args.vector else None
+    template = args.template or (vector.hyperparameters.get("template") if vector else None) or "arrow"
     r = evaluate(model, task, shots=args.shots, vector=vector, split=args.split, n=args.n,
-                 template=args.template, batch_size=args.batch_size, seed=args.seed,
+                 template=template, batch_size=args.batch_size, seed=args.seed,
                  exact_match=args.exact_match, progress=not args.json)
     if args.json:
         print_json(r.to_dict())

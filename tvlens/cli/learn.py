@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=0.05,
                    help="AdamW lr in units of the residual RMS (default 0.05)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--template", default="arrow",
+                   help="arrow (default, Hendel), qa (Todd; works better on SmolLM2) or a demo string")
     p.add_argument("--icl-shots", type=int, default=5, help="shots of the ICL reference (default 5)")
     p.add_argument("--n", type=int, default=None, help="test items scored (default: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -62,12 +64,14 @@ def run(args) -> int:
     task = load_task_arg(args)
     tv = learn_task_vector(model, task, layers, positions, shots=args.shots, steps=args.steps,
                            lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                           template=args.template,
                            checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                            progress=not args.json)
     tv.save(path, overwrite=args.overwrite)
-    res = evaluate(model, task, vector=tv, shots=args.shots, n=args.n, seed=args.seed, progress=False)
-    zs = evaluate(model, task, n=args.n, seed=args.seed, progress=False)
-    icl = evaluate(model, task, shots=args.icl_shots, n=args.n, seed=args.seed, progress=False)
+    kw = dict(n=args.n, seed=args.seed, template=args.template, progress=False)
+    res = evaluate(model, task, vector=tv, shots=args.shots, **kw)
+    zs = evaluate(model, task, **kw)
+    icl = evaluate(model, task, shots=args.icl_shots, **kw)
     out = {"model": res.model, "task": task.name, "layers": layers, "positions": positions,
            "shots": args.shots, "accuracy": res.accuracy, "ci_low": res.ci_low,
            "ci_high": res.ci_high, "n": res.n, "zero_shot": zs.accuracy, "icl": icl.accuracy,

@@ -80,7 +80,7 @@ def _row(name: str, res: EvalResult, **extra) -> dict[str, Any]:
 
 
 def composition(model, first: str, second: str, layer: int, *, n: int | None = None,
-                **train_kwargs) -> pd.DataFrame:
+                template: str = "arrow", **train_kwargs) -> pd.DataFrame:
     """Accuracy on the composed task of zero-shot, θ_A, θ_B, θ_A + θ_B, and 5-shot ICL.
 
     θ_A and θ_B are learned on their own tasks at ``layer`` (position last); their sum
@@ -88,17 +88,18 @@ def composition(model, first: str, second: str, layer: int, *, n: int | None = N
     """
     ta, tb = load_task(first), load_task(second)
     tc = composed_task(ta, tb)
-    va = learn_task_vector(model, ta, [layer], **train_kwargs)
-    vb = learn_task_vector(model, tb, [layer], **train_kwargs)
-    rows = [_row("zero-shot", evaluate(model, tc, n=n, progress=False)),
-            _row(f"θ_{first}", evaluate(model, tc, vector=va, n=n, progress=False)),
-            _row(f"θ_{second}", evaluate(model, tc, vector=vb, n=n, progress=False)),
-            _row(f"θ_{first} + θ_{second}", evaluate(model, tc, vector=va + vb, n=n, progress=False)),
-            _row("ICL 5-shot", evaluate(model, tc, shots=5, n=n, progress=False))]
+    va = learn_task_vector(model, ta, [layer], template=template, **train_kwargs)
+    vb = learn_task_vector(model, tb, [layer], template=template, **train_kwargs)
+    kw = dict(n=n, progress=False, template=template)
+    rows = [_row("zero-shot", evaluate(model, tc, **kw)),
+            _row(f"θ_{first}", evaluate(model, tc, vector=va, **kw)),
+            _row(f"θ_{second}", evaluate(model, tc, vector=vb, **kw)),
+            _row(f"θ_{first} + θ_{second}", evaluate(model, tc, vector=va + vb, **kw)),
+            _row("ICL 5-shot", evaluate(model, tc, shots=5, **kw))]
     return pd.DataFrame(rows).assign(task=tc.name, layer=layer)
 
 
-def extractors(include_fv: bool = True) -> tuple[dict[str, Callable], list[str]]:
+def extractors(include_fv: bool = True, template: str = "arrow") -> tuple[dict[str, Callable], list[str]]:
     """Extracted-vector methods available now: name → fn(model, task, layer); and the missing.
 
     The function vector does not depend on the layer it is added at (a sum of head
@@ -108,10 +109,11 @@ def extractors(include_fv: bool = True) -> tuple[dict[str, Callable], list[str]]
 
     import tvlens.extract as ex
 
-    found: dict[str, Callable] = {"ICL-TV": lambda m, t, layer: ex.icl_task_vector(m, t, [layer])}
+    found: dict[str, Callable] = {
+        "ICL-TV": lambda m, t, layer: ex.icl_task_vector(m, t, [layer], template=template)}
     missing = []
     if hasattr(ex, "vanilla_task_vector"):
-        found["vanilla"] = lambda m, t, layer: ex.vanilla_task_vector(m, t, [layer])
+        found["vanilla"] = lambda m, t, layer: ex.vanilla_task_vector(m, t, [layer], template=template)
     else:
         missing.append("vanilla")
     if include_fv and hasattr(ex, "function_vector"):
@@ -119,7 +121,7 @@ def extractors(include_fv: bool = True) -> tuple[dict[str, Callable], list[str]]
 
         def fv(m, t, layer):
             if t.name not in memo:
-                memo[t.name] = ex.function_vector(m, t, layer=layer)
+                memo[t.name] = ex.function_vector(m, t, layer=layer, template=template)
             return dataclasses.replace(memo[t.name], layers=(layer,))
 
         found["FV"] = fv
@@ -129,7 +131,8 @@ def extractors(include_fv: bool = True) -> tuple[dict[str, Callable], list[str]]
 
 
 def layer_sweep(model, task: str | Task, layers: Sequence[int], *, n: int | None = None,
-                shots: int = 5, progress: bool = False, include_fv: bool = True, **train_kwargs
+                shots: int = 5, progress: bool = False, include_fv: bool = True,
+                template: str = "arrow", **train_kwargs
                 ) -> tuple[dict[str, pd.DataFrame], dict[str, tuple[float, float, float]], list[str]]:
     """Accuracy by layer of LTV and the extracted vectors; zero-shot and ICL references.
 
@@ -139,17 +142,19 @@ def layer_sweep(model, task: str | Task, layers: Sequence[int], *, n: int | None
     lists the extraction methods not available in this checkout.
     """
     task = load_task(task) if isinstance(task, str) else task
-    methods, missing = extractors(include_fv)
+    methods, missing = extractors(include_fv, template)
+    kw = dict(n=n, progress=False, template=template)
     rows: dict[str, list[dict]] = {"LTV": [], **{k: [] for k in methods}}
     for layer in layers:
-        tv = learn_task_vector(model, task, [layer], progress=progress, **train_kwargs)
-        rows["LTV"].append(_row("LTV", evaluate(model, task, vector=tv, n=n, progress=False),
+        tv = learn_task_vector(model, task, [layer], progress=progress, template=template,
+                               **train_kwargs)
+        rows["LTV"].append(_row("LTV", evaluate(model, task, vector=tv, **kw),
                                 layer=layer, train_seconds=tv.history["train_seconds"]))
         for name, fn in methods.items():
-            res = evaluate(model, task, vector=fn(model, task, layer), n=n, progress=False)
+            res = evaluate(model, task, vector=fn(model, task, layer), **kw)
             rows[name].append(_row(name, res, layer=layer))
-    zs = evaluate(model, task, n=n, progress=False)
-    icl = evaluate(model, task, shots=shots, n=n, progress=False)
+    zs = evaluate(model, task, **kw)
+    icl = evaluate(model, task, shots=shots, **kw)
     refs = {"zero-shot": (zs.accuracy, zs.ci_low, zs.ci_high),
             f"ICL {shots}-shot": (icl.accuracy, icl.ci_low, icl.ci_high)}
     return {k: pd.DataFrame(v) for k, v in rows.items()}, refs, missing

@@ -183,10 +183,27 @@ def injected(model, batch: PromptBatch, spec: InjectionSpec):
         yield model
 
 
-def forward(model, batch: PromptBatch, hooks: Sequence[Hook] = ()) -> Float[Tensor, "batch seq vocab"]:
-    """Logits of ``model`` over a left-padded ``batch`` (mask passed, so positions are right)."""
-    ids = batch.input_ids.to(model.cfg.device)
-    mask = batch.attention_mask.to(model.cfg.device)
+def forward(model, batch: PromptBatch, hooks: Sequence[Hook] = (), *,
+            logits_to_keep: int | None = None) -> Float[Tensor, "batch seq vocab"]:
+    """Logits of ``model`` over a left-padded ``batch`` (mask passed, so positions are right).
+
+    ``logits_to_keep=k`` returns only the last ``k`` columns' logits; Hugging Face models
+    then skip the unembedding elsewhere (on SmolLM2 ``W_U`` costs about as much as eight
+    blocks), others compute everything and are sliced.
+    """
+    return run_logits(model, batch.input_ids, batch.attention_mask, hooks, logits_to_keep=logits_to_keep)
+
+
+def run_logits(model, input_ids: Tensor, attention_mask: Tensor, hooks: Sequence[Hook] = (), *,
+               logits_to_keep: int | None = None) -> Tensor:
+    """``model`` logits for raw ids and mask, with hooks and an optional last-``k`` cut."""
+    ids = input_ids.to(model.cfg.device)
+    mask = attention_mask.to(model.cfg.device)
+    kwargs = {} if logits_to_keep is None else {"logits_to_keep": int(logits_to_keep)}
     if hooks:
-        return model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=list(hooks))
-    return model(ids, attention_mask=mask)
+        logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=list(hooks), **kwargs)
+    else:
+        logits = model(ids, attention_mask=mask, **kwargs)
+    if logits_to_keep is not None and logits.shape[1] != logits_to_keep:
+        logits = logits[:, -int(logits_to_keep):]  # the model ignored the argument
+    return logits

@@ -14,15 +14,17 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tvlens.injection import Hook, forward
+from tvlens.injection import Hook, forward, run_logits
 from tvlens.prompts import PromptBatch, TeacherForcedBatch, with_answers
 
 
 def last_token_logits(model, batch: PromptBatch, hooks: Sequence[Hook] = ()) -> Float[Tensor, "batch vocab"]:
     """Next-token logits at each prompt's last real token."""
+    cols = batch.position_index("last")
+    if bool((cols == batch.seq_len - 1).all()):  # left padding: every prompt ends the row
+        return forward(model, batch, hooks, logits_to_keep=1)[:, -1]
     logits = forward(model, batch, hooks)
-    cols = batch.position_index("last").to(logits.device)
-    return logits[torch.arange(len(batch), device=logits.device), cols]
+    return logits[torch.arange(len(batch), device=logits.device), cols.to(logits.device)]
 
 
 def answer_logprobs(
@@ -34,16 +36,11 @@ def answer_logprobs(
     prompt columns do not move. ``mask`` is True where a row has an answer token.
     """
     tf = batch if isinstance(batch, TeacherForcedBatch) else with_answers(batch, _pad_id(model))
-    device = model.cfg.device
-    ids = tf.input_ids.to(device)
-    mask = tf.attention_mask.to(device)
-    if hooks:
-        logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=list(hooks))
-    else:
-        logits = model(ids, attention_mask=mask)
-    P, A = tf.prompt_len, tf.targets.shape[1]
-    pred = logits[:, P - 1 : P - 1 + A].float().log_softmax(-1)  # predicts answer tokens
-    targets = tf.targets.to(device)
+    A = tf.targets.shape[1]
+    # columns P-1 .. P+A-2 predict the answer tokens: the last A+1 columns hold them
+    logits = run_logits(model, tf.input_ids, tf.attention_mask, hooks, logits_to_keep=A + 1)
+    pred = logits[:, :A].float().log_softmax(-1)
+    targets = tf.targets.to(model.cfg.device)
     valid = targets != -100
     lp = pred.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return lp * valid, valid
@@ -69,10 +66,7 @@ def greedy_answers(model, batch: PromptBatch, hooks: Sequence[Hook] = (),
     mask = batch.attention_mask.to(device)
     out = []
     for _ in range(n_new):
-        if hooks:
-            logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=list(hooks))
-        else:
-            logits = model(ids, attention_mask=mask)
+        logits = run_logits(model, ids, mask, hooks, logits_to_keep=1)
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         out.append(nxt)
         ids = torch.cat([ids, nxt], dim=1)

@@ -36,14 +36,18 @@ def main() -> None:
     ap.add_argument("--layers", default="3,15,25")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--shots", type=int, default=0,
+                    help="demonstrations per prompt (0: the zero-shot LTV setting; 5: LTV + ICL)")
     args = ap.parse_args()
     model = tvlens.load_model(progress=False)
     for p in model.parameters():
         p.requires_grad_(False)
     task = tvlens.load_task("antonym")
-    tf = with_answers(tokenize(model, make_examples(task.train[: args.batch])), 0)
+    tf = with_answers(tokenize(model, make_examples(task.train[: args.batch], task.train,
+                                                    shots=args.shots)), 0)
     tf = _rows(tf, list(range(args.batch)))
     L = int(model.cfg.n_layers)
+    print(f"batch {list(tf.input_ids.shape)} ({args.shots}-shot prompts + answers)")
     print("| layer | full step (s) | cached step (s) | ratio | target (L-l)/L+0.1 |")
     print("|---|---|---|---|---|")
     for layer in [int(x) for x in args.layers.split(",")]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -242,3 +244,12 @@ def test_smol_ov_terms_sum_back_gqa(smol):
     batch = query_batch(smol, task, n=2)
     vec = tvlens.icl_task_vector(smol, task, 26, n_prompts=4)
     _decomposition_sums_back(smol, batch, vec, 1e-3)
+
+
+def test_recovery_is_undefined_without_a_gain(tiny, task):
+    """A vector that gains nothing over zero-shot has no gain to recover: NaN, not a ratio."""
+    zero = TaskVector.single(tiny, torch.zeros(tiny.cfg.d_model), 0)
+    out = reinjection_test(tiny, task, zero, n=6, batch_size=4)
+    assert out["vector_accuracy"] == out["zero_shot"]
+    for key in ("ov_weighted_recovery", "ov_packaged_recovery", "mlp_recovery"):
+        assert math.isnan(out[key])

@@ -181,7 +181,7 @@ def reinjection_test(model, task: Task, vector: TaskVector, *, n: int = 32, spli
 
     Returns a dict with ``zero_shot``, ``vector_accuracy``, ``ov_weighted_accuracy``,
     ``ov_packaged_accuracy``, ``mlp_accuracy``, the matching ``*_recovery`` fractions (NaN
-    when θ gains nothing) and ``dla_packaged`` ([L', H] head DLA, mean over prompts).
+    when θ gains nothing or loses accuracy: there is no gain to recover) and ``dla_packaged`` ([L', H] head DLA, mean over prompts).
     """
     if where not in ("layers", "final"):
         raise TvlensError(f"where must be 'layers' or 'final', got {where!r}")
@@ -209,7 +209,8 @@ def reinjection_test(model, task: Task, vector: TaskVector, *, n: int = 32, spli
     for key, name in (("ov_weighted_accuracy", "ov_weighted_recovery"),
                       ("ov_packaged_accuracy", "ov_packaged_recovery"),
                       ("mlp_accuracy", "mlp_recovery")):
-        out[name] = (out[key] - out["zero_shot"]) / gain if abs(gain) > 1e-12 else float("nan")
+        # a fraction of θ's gain is defined only when θ gains something over zero-shot
+        out[name] = (out[key] - out["zero_shot"]) / gain if gain > 1e-12 else float("nan")
     out.update(layer=vector.layers[0], n=count, where=where, task=task.name,
                later_layers=list(range(vector.layers[0] + 1, int(model.cfg.n_layers))),
                dla_packaged=(dla / count).tolist())

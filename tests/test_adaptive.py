@@ -289,3 +289,17 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert {"accuracy", "ci_low", "ci_high", "zero_shot", "icl"} <= set(res)
     assert res["seen_in_training"] and res["n"] == 4 and res["ci_low"] <= res["accuracy"] <= res["ci_high"]
+
+
+@pytest.mark.slow
+def test_minilm_encoder_reads_queries_offline(tiny, task):
+    """The sentence-encoder generator (reviewers' question) loads from its PyPI package."""
+    from tvlens.adaptive import make_generator
+
+    gen = make_generator(tiny, "minilm", seed=0)
+    vecs = gen.generate([x for x, _ in task.test[:3]])
+    assert vecs.shape == (3, tiny.cfg.n_layers, tiny.cfg.d_model)
+    emb = gen.encoder.encode(["Q: cat\nA:", "Q: cat\nA:", "Q: house\nA:"])
+    assert emb.shape == (3, 384)
+    torch.testing.assert_close(emb[0], emb[1])
+    assert not torch.allclose(emb[0], emb[2])

@@ -20,13 +20,7 @@ from tvlens.prompts import make_examples, tokenize
 from tvlens.scoring import answer_nll
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests are many tiny forwards: one thread is fastest on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(tiny, task, **kw):

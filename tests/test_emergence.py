@@ -17,13 +17,7 @@ from tvlens.emergence import (
 from tvlens.errors import TvlensError
 from tvlens.injection import resid_hook_name
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Training on a shared CPU: one thread avoids OpenMP contention (10x slower with 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = TVPConfig(n_values=7, families=("offset",), n_heldout=2, n_pairs=3, ood_pairs=5,

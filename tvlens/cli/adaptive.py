@@ -12,7 +12,8 @@ backward pass dominates.
 
 from __future__ import annotations
 
-from tvlens.cli.common import add_json_arg, add_model_arg, load_model_arg, out_path, print_json, print_table
+from tvlens.cli.common import (add_json_arg, add_model_arg, int_list, load_model_arg, out_path,
+                               print_json, print_table)
 from tvlens.errors import TvlensError
 
 DEFAULT_GENERATOR = "smollm2-135m"
@@ -73,7 +74,7 @@ def _train(args) -> int:
 
     tasks = _task_list(args.tasks)
     check_scale(args.scale)
-    layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x.strip()]
+    layers = None if args.layers is None else int_list(args.layers, "layers")
     out = out_path(args.out, is_dir=True)
     model = load_model_arg(args)
     gen = make_generator(model, args.generator, layers=layers, position=args.position,

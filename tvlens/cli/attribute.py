@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from tvlens.cli.common import (
-    add_json_arg, add_model_arg, add_task_arg, load_model_arg, load_task_arg, out_path, print_json,
-    print_table,
+    add_json_arg, add_model_arg, add_task_arg, int_list, load_model_arg, load_task_arg, out_path,
+    print_json, print_table,
 )
 from tvlens.errors import TvlensError
 
@@ -132,7 +132,7 @@ def cmd_geometry(args) -> int:
         if len(vectors) != len(vecs):
             raise TvlensError("two vector files share a layer; give one vector per layer")
     elif args.layers:
-        layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        layers = int_list(args.layers, "layers")
         vectors = {layer: _make_vector(model, task, layer, args.method) for layer in layers}
     else:
         raise TvlensError("give --vector FILE... (one per layer) or --layers L1,L2,...")

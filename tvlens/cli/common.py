@@ -54,6 +54,17 @@ def out_path(path: str, *, overwrite: bool = False, is_dir: bool = False) -> Pat
     return p
 
 
+def int_list(text: str, what: str = "layers") -> list[int]:
+    """``"0,4,8"`` → ``[0, 4, 8]``; anything else is a TvlensError naming the option."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise TvlensError(f"--{what} {text!r} must be comma-separated integers, e.g. 10 or 0,4,8") from None
+    if not values:
+        raise TvlensError(f"--{what} is empty; give at least one integer, e.g. 10")
+    return values
+
+
 def _clean(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None

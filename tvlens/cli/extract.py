@@ -9,6 +9,7 @@ from tvlens.cli.common import (
     add_json_arg,
     add_model_arg,
     add_task_arg,
+    int_list,
     load_model_arg,
     load_task_arg,
     out_path,
@@ -104,7 +105,7 @@ def cmd_sweep(args) -> int:
     layers = None
     if args.layers:
         try:
-            layers = [int(x) for x in args.layers.split(",")]
+            layers = int_list(args.layers, "layers")
         except ValueError:
             raise TvlensError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
     folder = out_path(args.out, is_dir=True)

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from tvlens.cli.common import (add_json_arg, add_model_arg, add_task_arg, load_model_arg,
+from tvlens.cli.common import (add_json_arg, add_model_arg, add_task_arg, int_list, load_model_arg,
                                load_task_arg, out_path, print_json, print_table)
 from tvlens.errors import TvlensError
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise TvlensError(f"--{what} {text!r} must be comma-separated integers, e.g. 10 or 0,4,8") from None
 
 
 def _positions(text: str) -> list:
@@ -57,7 +50,7 @@ def run(args) -> int:
     from tvlens.evaluation import evaluate
     from tvlens.learn import learn_task_vector
 
-    layers = _ints(args.layers, "layers")
+    layers = int_list(args.layers, "layers")
     positions = _positions(args.positions)
     path = out_path(args.out, overwrite=args.overwrite)
     model = load_model_arg(args)

@@ -315,13 +315,19 @@ def tokenize(
         answers.append(answer)
         separators.append(min(len(before), len(ids) - 1))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids, mask = left_pad(rows, pad_id)
+    return PromptBatch(input_ids, mask, list(examples), prompts, answers, separators)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
+    """Token-id rows → ``(input_ids, attention_mask)``, padded on the left to the longest row."""
     T = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, r in enumerate(rows):
-        input_ids[i, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+        input_ids[i, T - len(r) :] = torch.tensor(list(r), dtype=torch.long)
         mask[i, T - len(r) :] = 1
-    return PromptBatch(input_ids, mask, list(examples), prompts, answers, separators)
+    return input_ids, mask
 
 
 @dataclass

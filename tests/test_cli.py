@@ -40,3 +40,23 @@ def test_evaluate_json_on_the_embedded_model(smol, tmp_path, capsys):
     assert {"model", "task", "shots", "n", "accuracy", "ci_low", "ci_high"} <= set(result)
     assert result["n"] == 8 and result["shots"] == 3 and result["model"] == "smollm2-135m"
     assert result["ci_low"] <= result["accuracy"] <= result["ci_high"]
+
+
+def test_prompt_prints_hendels_format(capsys):
+    assert main(["prompt", "--task", "capitalize", "--template", "hendel", "--shots", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("--- prompt 1 (answer ' ")
+    body = lines[1:]
+    assert len(body) == 3 and all(b.startswith("example: ") for b in body)
+    x, y = body[0][len("example: "):].split("-> ")
+    assert y == x.capitalize() and body[-1].endswith("->")
+
+
+@pytest.mark.slow
+def test_prompt_json_tokens_rebuild_the_prompt(smol, capsys):
+    assert main(["prompt", "--task", "antonym", "--template", "fv", "--shots", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["template"] == "fv" and len(out["prompts"]) == 1
+    row = out["prompts"][0]
+    assert row["prompt"].endswith("\nA:") and row["prompt"].count("Q: ") == 4
+    assert smol.tokenizer.decode(row["input_ids"], skip_special_tokens=True) == row["prompt"]

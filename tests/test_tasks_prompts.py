@@ -126,3 +126,26 @@ def test_evaluate_batch_size_does_not_change_results(tiny, task):
     b = evaluate(tiny, task, shots=3, n=9, batch_size=9)
     assert a.records["prediction"].tolist() == b.records["prediction"].tolist()
     assert (a.records["first_token_logprob"] - b.records["first_token_logprob"]).abs().max() < 1e-4
+
+
+def _hendel_reference(demos, x):
+    """Hendel et al.'s rules, written out from their released code: mapping tasks prefix
+    input and output with a space (mapping_task.py), a demo is "example:{x}->{y}", demos
+    are joined by "\\n" and the query is "example:{x}->" (few_shot_format.py)."""
+    demos = [(" " + a, " " + b) for a, b in demos]
+    return "\n".join([f"example:{a}->{b}" for a, b in demos] + [f"example: {x}->"])
+
+
+def test_hendel_and_fv_formats_are_the_reference_strings_byte_for_byte():
+    from tvlens.prompts import get_template
+
+    demos, x = [("apple", "Apple"), ("pear", "Pear")], "plum"
+    hendel = get_template("hendel")
+    assert hendel.prompt(demos, x) == _hendel_reference(demos, x)
+    assert hendel.prompt(demos, x) == "example: apple-> Apple\nexample: pear-> Pear\nexample: plum->"
+    assert hendel.format_answer("Plum") == " Plum"  # the answer carries the leading space
+    assert hendel.prompt([], x) == _hendel_reference([], x)  # zero-shot: the query alone
+    # Todd et al.: "Q: {x}\nA: {y}\n\n" per demo, query "Q: {x}\nA:", answer " {y}"
+    fv = get_template("fv")
+    assert fv.prompt(demos, x) == "Q: apple\nA: Apple\n\nQ: pear\nA: Pear\n\nQ: plum\nA:"
+    assert fv.format_answer("Plum") == " Plum"

@@ -11,6 +11,7 @@ positions, evaluate it, and explain its effect. The core, in one import::
     print(tvlens.evaluate(model, task, vector=tv))    # zero-shot + task vector
 """
 
+from tvlens.compat import warn_if_untested
 from tvlens.errors import TvlensError
 from tvlens.evaluation import EvalResult, evaluate
 from tvlens.extract import function_vector, icl_task_vector, layer_sweep, vanilla_task_vector
@@ -22,6 +23,8 @@ from tvlens.tasks import Task, builtin_task_names, load_task, load_task_file
 from tvlens.vector import TaskVector
 
 __version__ = "0.1.0"
+
+warn_if_untested()
 
 __all__ = [
     "TEMPLATES", "EvalResult", "Example", "InjectionSpec", "ModelFingerprint", "PromptBatch",

@@ -14,7 +14,7 @@ Anything with a ``hooks(model, batch)`` method can be passed as ``vector``: a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import pandas as pd
 import torch
@@ -27,6 +27,7 @@ from tvlens.scoring import answer_logprobs, bootstrap_ci, greedy_answers, last_t
 from tvlens.tasks.task import Task
 
 
+@runtime_checkable
 class Intervention(Protocol):
     def hooks(self, model, batch) -> list: ...
 

@@ -95,13 +95,21 @@ class Template:
 
 
 TEMPLATES: dict[str, Template] = {
-    "arrow": Template("{x} -> {y}\n"),  # Hendel et al.
-    "qa": Template("Q: {x}\nA: {y}\n\n"),  # Todd et al.
+    # Hendel et al.'s released code (icl_task_vectors): core/data/datasets/few_shot_format.py
+    # writes "example:{x}->{y}" joined by "\n" and ends with "example:{x}->";
+    # core/data/tasks/mapping_task.py prefixes x and y of mapping tasks with a space.
+    "hendel": Template("example: {x}-> {y}\n"),
+    # Todd et al.'s released code (function_vectors): "Q: {x}\nA: {y}\n\n", query "Q: {x}\nA:".
+    "fv": Template("Q: {x}\nA: {y}\n\n"),
+    "qa": Template("Q: {x}\nA: {y}\n\n"),  # the same format as "fv", under its older name
+    # A bare arrow: no paper's format (it is *not* Hendel's, which has the "example:" prefix).
+    "arrow": Template("{x} -> {y}\n"),
 }
 
 
 def get_template(template: str | Template) -> Template:
-    """A :class:`Template`, a registered name (``"arrow"``, ``"qa"``) or a demo string."""
+    """A :class:`Template`, a registered name (``TEMPLATES``: ``"hendel"``, ``"fv"``, ``"qa"``,
+    ``"arrow"``) or a demo string."""
     if isinstance(template, Template):
         return template
     if template in TEMPLATES:
@@ -317,6 +325,25 @@ def tokenize(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids, mask = left_pad(rows, pad_id)
     return PromptBatch(input_ids, mask, list(examples), prompts, answers, separators)
+
+
+def show_prompts(
+    task,
+    template: str | Template,
+    *,
+    shots: int = 0,
+    n: int = 1,
+    split: str = "test",
+    seed: int = 0,
+    shuffle_labels: bool = False,
+) -> list[Example]:
+    """The first ``n`` prompts a method would see for ``task``: queries from ``split``,
+    ``shots`` demonstrations from the train split (as :func:`make_examples` samples them).
+    ``get_template(template).prompt(ex.demos, ex.x)`` is each exact string; ``tvlens prompt``
+    prints them."""
+    get_template(template)  # an unknown name fails here, listing the names
+    return make_examples(task.split(split)[:n], task.train, shots=shots, seed=seed,
+                         shuffle_labels=shuffle_labels)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:

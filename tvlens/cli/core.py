@@ -31,6 +31,19 @@ def register(sub) -> None:
     add_json_arg(p)
     p.set_defaults(func=cmd_tasks)
 
+    p = sub.add_parser("prompt", help="print the exact prompt a method would see")
+    add_task_arg(p)
+    p.add_argument("--template", required=True,
+                   help="hendel, fv, qa, arrow, or a demo string with {x} and {y}")
+    p.add_argument("--shots", type=int, default=5, help="demonstrations (default 5)")
+    p.add_argument("--n", type=int, default=1, help="how many prompts (default 1)")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test", "all"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shuffled", action="store_true", help="shuffle the demonstrations' labels (FV)")
+    add_model_arg(p)
+    add_json_arg(p)
+    p.set_defaults(func=cmd_prompt)
+
     p = sub.add_parser("evaluate", help="first-token accuracy of a model on a task")
     add_model_arg(p)
     add_task_arg(p)
@@ -46,6 +59,36 @@ def register(sub) -> None:
     p.add_argument("--exact-match", action="store_true", help="also greedy-decode full answers")
     add_json_arg(p)
     p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_prompt(args) -> int:
+    """The prompt strings; with ``--json`` also their tokens under the model's tokenizer."""
+    from tvlens.prompts import get_template, show_prompts, tokenize
+
+    task = load_task_arg(args)
+    examples = show_prompts(task, args.template, shots=args.shots, n=args.n, split=args.split,
+                            seed=args.seed, shuffle_labels=args.shuffled)
+    template = get_template(args.template)
+    prompts = [template.prompt(ex.demos, ex.x) for ex in examples]
+    if not args.json:
+        for i, (p, ex) in enumerate(zip(prompts, examples)):
+            if i:
+                print()
+            print(f"--- prompt {i + 1} (answer {template.format_answer(ex.y)!r})")
+            print(p)
+        return 0
+    model = load_model_arg(args)
+    batch = tokenize(model, examples, template)
+    rows = []
+    for i, (p, ex) in enumerate(zip(prompts, examples)):
+        ids = batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
+        rows.append({"prompt": p, "answer": template.format_answer(ex.y), "input_ids": ids,
+                     "tokens": model.tokenizer.convert_ids_to_tokens(ids),
+                     "answer_ids": list(batch.answer_ids[i])})
+    print_json({"task": task.name, "template": args.template, "template_demo": template.demo,
+                "shots": args.shots, "seed": args.seed, "shuffled": args.shuffled,
+                "split": args.split, "model": model.cfg.model_name, "prompts": rows})
+    return 0
 
 
 def cmd_demo(args) -> int:

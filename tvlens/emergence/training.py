@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -63,7 +63,7 @@ class TVPConfig:
     """
 
     n_values: int = 16
-    families: tuple[str, ...] = ("offset",)
+    families: Sequence[str] = ("offset",)  # stored as a tuple (__post_init__)
     n_heldout: int = 3
     n_permutations: int = 8
     n_pairs: int = 8

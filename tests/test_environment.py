@@ -1,0 +1,78 @@
+"""The environment: the lock matches pyproject.toml, tested ranges agree, upgrades warn."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import tomllib
+import warnings
+from pathlib import Path
+
+import pytest
+
+from tvlens import compat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject_bounds() -> dict[str, str]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return {d.split(">=")[0].strip(): d.split(">=")[1].split("#")[0].strip() for d in deps
+            if d.split(">=")[0].strip() in compat.TESTED}
+
+
+def test_tested_ranges_equal_pyproject_bounds():
+    bounds = _pyproject_bounds()
+    assert set(bounds) == set(compat.TESTED)
+    for dist, (low, high) in compat.TESTED.items():
+        assert bounds[dist] == f"{low},<{high}", dist
+
+
+def _lock_module():
+    spec = importlib.util.spec_from_file_location("tvlens_lock", ROOT / "scripts" / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lock_matches_pyproject_and_pins_inside_the_tested_ranges():
+    out = subprocess.run([sys.executable, "scripts/lock.py", "check"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    pins = _lock_module().pins((ROOT / "requirements.lock").read_text())
+    for dist, (low, high) in compat.TESTED.items():
+        assert compat._in_range(pins[dist], low, high), (dist, pins[dist])
+    assert pins["torch"].startswith("2.13.0")  # the CPU build on this machine's disk
+
+
+def test_lock_check_names_the_line_that_differs(tmp_path, monkeypatch, capsys):
+    lock = _lock_module()
+    (tmp_path / "pyproject.toml").write_text(
+        (ROOT / "pyproject.toml").read_text().replace('"scipy>=1.11"', '"scipy>=1.14"'))
+    (tmp_path / "requirements.lock").write_text((ROOT / "requirements.lock").read_text())
+    monkeypatch.setattr(lock, "ROOT", tmp_path)
+    monkeypatch.setattr(lock, "LOCK", tmp_path / "requirements.lock")
+    assert lock.check() == 1
+    err = capsys.readouterr().err
+    assert "in pyproject.toml, not in the lock:  requires: scipy>=1.14" in err
+    assert "in the lock, not in pyproject.toml:  requires: scipy>=1.11" in err
+    assert "make lock" in err
+
+
+def test_installed_versions_are_inside_the_tested_range():
+    # make test installs from the lock; the lock must sit inside the tested range
+    assert compat.untested_versions() == []
+
+
+def test_an_untested_version_warns_once_naming_the_range(monkeypatch):
+    monkeypatch.setattr(compat.metadata, "version",
+                        lambda dist: {"transformers": "5.30.1", "transformer-lens": "4.3.0"}[dist])
+    assert compat.untested_versions() == ["transformers 5.30.1 (tested: >=5.9,<5.25)"]
+    with pytest.warns(RuntimeWarning, match=r"transformers 5\.30\.1 \(tested: >=5\.9,<5\.25\)"):
+        compat.warn_if_untested()
+    monkeypatch.setattr(compat.metadata, "version", lambda dist: "5.24.0.dev0"
+                        if dist == "transformers" else "4.3.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compat.warn_if_untested()  # a dev build of a tested release is in range

@@ -29,7 +29,7 @@ CHECKS = {
     "learned_vectors": (
         "{'zero': tvlens.evaluate(model, task).accuracy,"
         " 'ltv': tvlens.evaluate(model, task, vector=tv).accuracy,"
-         'loss_gap': abs(grads[0][0] - grads[1][0]),"
+        " 'loss_gap': abs(grads[0][0] - grads[1][0]),"
         " 'grad_gap': float((grads[0][1] - grads[1][1]).abs().max() / grads[0][1].abs().max())}",
         # the prefix-cached gradient equals the full one up to float32 reduction order
         lambda v: v["ltv"] > v["zero"] and v["loss_gap"] < 1e-5 and v["grad_gap"] < 1e-4),

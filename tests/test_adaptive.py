@@ -45,6 +45,7 @@ def test_expansion_is_linear_and_zero_initialised():
     a, b = torch.randn(1, 8), torch.randn(1, 8)
     bias = exp(torch.zeros(1, 8))
     torch.testing.assert_close(exp(a + b) - bias, (exp(a) - bias) + (exp(b) - bias), atol=1e-5, rtol=0)
+    # zero weights and bias: 0·x + 0 is exactly 0 (by construction, any kernel)
     assert torch.count_nonzero(Expansion(8, 2, 4)(torch.randn(3, 8))) == 0
 
 
@@ -103,10 +104,27 @@ def test_task_vector_applies_like_the_generator(tiny, task):
 
 
 # ----- training -------------------------------------------------------------------------
+class _Rolled:
+    """The generator's vectors, each given to the next query of the batch: right vectors,
+    wrong queries. An intervention for ``evaluate``."""
+
+    method = "rolled"
+
+    def __init__(self, gen):
+        self.gen = gen
+
+    def hooks(self, model, batch):
+        from dataclasses import replace
+
+        tv = self.gen.task_vector([e.x for e in batch.examples])
+        return replace(tv, vectors=tv.vectors.roll(1, 0)).hooks(model, batch)
+
+
 def test_training_lowers_the_loss_of_a_fixed_mapping(task):
     # A wider target than the `tiny` fixture: a random 32-wide model with tied embeddings
     # bounds its logits so tightly that even free per-example vectors stall near loss 1.7.
-    # The answer " o3" is two word pieces (" o", "3"); position "all" reaches both.
+    # The answers are 7 colours, one first token each, cycling over the inputs: only a
+    # vector made for its own query names the right one.
     target = tvlens.tiny_model(texts=[f"Q: {x}\nA: {y}\n\n" for x, y in task.pairs],
                                n_layers=2, d_model=128, n_heads=4, seed=0)
     gen = make_generator(target, "native", texts=[x for x, _ in task.pairs], position="all")
@@ -122,10 +140,16 @@ def test_training_lowers_the_loss_of_a_fixed_mapping(task):
     after = loss()
     assert after < 0.3 * before, (before, after)
     assert hist["steps"] == 80 and len(hist["loss"]) == 80
-    assert all(torch.equal(a, b) for a, b in zip(frozen, target.parameters()))  # target frozen
+    assert all(torch.equal(a, b) for a, b in zip(frozen, target.parameters()))  # frozen: bits
     assert all(p.requires_grad for p in target.parameters())  # flags restored
-    acc = tvlens.evaluate(target, task, vector=gen, template="qa", split="train").accuracy
-    assert acc == 1.0  # the first piece " o" is shared by every answer
+    train = tokenize(target, make_examples(task.train), "qa")
+    assert len(set(train.first_answer_ids.tolist())) == 7  # a wrong vector can be wrong
+    kw = dict(template="qa", split="train")
+    acc = tvlens.evaluate(target, task, vector=gen, **kw).accuracy
+    assert acc == 1.0
+    # the same vectors on the wrong queries, and no vector: far from it
+    assert tvlens.evaluate(target, task, vector=_Rolled(gen), **kw).accuracy < 0.5
+    assert tvlens.evaluate(target, task, **kw).accuracy < 0.5
 
 
 def test_resume_takes_the_same_steps(tiny, task, tmp_path):
@@ -147,7 +171,7 @@ def test_save_load_reproduces_the_vectors(tiny, task, tmp_path):
     gen.save(tmp_path / "g")
     back = AdaptiveGenerator.load(tmp_path / "g", tiny)
     xs = [x for x, _ in task.test]
-    with torch.no_grad():
+    with torch.no_grad():  # the loaded weights are the saved bits, run on the same batch
         assert torch.equal(gen.generate(xs), back.generate(xs))
     assert back.config == gen.config
     other = tvlens.tiny_model(texts=["Q: a\nA: b"], n_layers=2, d_model=16, n_heads=2)
@@ -209,7 +233,26 @@ def test_generated_vectors_and_norm_profile(tiny, task):
     v, labels = generated_vectors(gen, [task], n=5)
     assert v.shape == (5, 2, 32) and labels == ["tiny"] * 5
     prof = layer_norm_profile(gen, v)
-    torch.testing.assert_close(torch.tensor(prof.mean_norm.tolist()), 3.0 * v.norm(dim=-1).mean(0))
+    # against what is injected: the residual's change at each layer, measured around the
+    # generator's hooks in one forward over the same five queries
+    batch = tokenize(tiny, make_examples(task.test[:5]), gen.config.target_template)
+    store = {}
+
+    def saver(key):
+        return lambda act, hook=None: store.__setitem__(key, act.detach().clone())
+
+    hooks = [(f"blocks.{layer}.hook_resid_post", saver(("pre", layer))) for layer in gen.layers]
+    hooks += gen.hooks(tiny, batch)
+    hooks += [(f"blocks.{layer}.hook_resid_post", saver(("post", layer))) for layer in gen.layers]
+    with torch.no_grad():
+        tiny.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=hooks)
+    last = batch.position_index("last")
+    norms = torch.stack([(store[("post", layer)] - store[("pre", layer)])[torch.arange(5), last]
+                         .norm(dim=-1) for layer in gen.layers], 1)  # [5, L]
+    # (h + λv) − h in float32 rounds at the residual's magnitude: 1e-5 relative is ~80 eps
+    torch.testing.assert_close(torch.tensor(prof.mean_norm.tolist()), norms.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(prof.std_norm.tolist()), norms.std(0), rtol=1e-4, atol=1e-5)
+    assert norms.min() > 0.1  # the vectors are not zero
 
 
 # ----- the embedded model ---------------------------------------------------------------
@@ -243,8 +286,20 @@ def test_compare_table_and_ltv_column(tiny, task):
     table = compare(tiny, gen, [task], [other], n=5, shots=2, ltv_steps=2)
     assert list(table.method) == ["zero-shot", "icl-2", "atv", "ltv"] * 2
     assert list(table.group) == ["in-domain"] * 4 + ["unseen"] * 4
-    assert (table.ci_low <= table.accuracy).all() and (table.accuracy <= table.ci_high).all()
-    assert summary(table).shape == (2, 4)
+    # each row is that method's evaluate result on the same queries (the LTV row needs a
+    # training run of its own and is left to the LTV tests)
+    kw = dict(n=5, template=gen.config.target_template)
+    runs = {"zero-shot": tvlens.evaluate(tiny, task, **kw),
+            "icl-2": tvlens.evaluate(tiny, task, shots=2, **kw),
+            "atv": tvlens.evaluate(tiny, task, vector=gen, **kw)}
+    for _, row in table[table.method != "ltv"].iterrows():
+        r = runs[row.method]  # `other` has the same pairs: the same numbers
+        assert (row.accuracy, row.ci_low, row.ci_high, row.n) == pytest.approx(
+            (r.accuracy, r.ci_low, r.ci_high, r.n)), row.method
+    assert table.n.tolist() == [5] * 8 and table.accuracy.between(0, 1).all()
+    means = summary(table)
+    assert means.shape == (2, 4)
+    assert means.loc["unseen", "icl-2"] == pytest.approx(runs["icl-2"].accuracy)
     with pytest.raises(TvlensError, match="also training tasks"):
         compare(tiny, gen, [task], [task], n=5)
     with pytest.raises(TvlensError, match="no tasks"):
@@ -266,7 +321,7 @@ def test_cli_train_bad_input(tmp_path, capsys, argv, message):
 
 
 @pytest.mark.slow
-def test_cli_train_then_evaluate(tmp_path, capsys):
+def test_cli_train_then_evaluate(smol, tmp_path, capsys):
     import json
 
     from tvlens.cli import main
@@ -281,8 +336,17 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     assert main(["adaptive", "evaluate", "--generator-dir", str(out), "--task", "antonym",
                  "--n", "4", "--json", "--device", "cpu"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert {"accuracy", "ci_low", "ci_high", "zero_shot", "icl"} <= set(res)
-    assert res["seen_in_training"] and res["n"] == 4 and res["ci_low"] <= res["accuracy"] <= res["ci_high"]
+    assert res["seen_in_training"] and res["n"] == 4
+    # the reported numbers, recomputed in-process from the saved generator
+    from tvlens.adaptive import AdaptiveGenerator
+
+    task = tvlens.load_task("antonym")
+    gen = AdaptiveGenerator.load(out, smol)
+    tpl = gen.config.target_template
+    r = tvlens.evaluate(smol, task, vector=gen, template=tpl, n=4)
+    assert (res["accuracy"], res["ci_low"], res["ci_high"]) == pytest.approx(
+        (r.accuracy, r.ci_low, r.ci_high))
+    assert res["zero_shot"] == pytest.approx(tvlens.evaluate(smol, task, template=tpl, n=4).accuracy)
 
 
 @pytest.mark.slow

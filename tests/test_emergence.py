@@ -93,21 +93,61 @@ def test_bad_config_is_refused():
         tv_accuracy_by_layer(model, SMALL.tasks()[0], 50)
 
 
-def test_tvp_injects_exactly_the_extracted_state_and_backpropagates_through_it():
+def _reference_tvp_losses(model, batch, layer):
+    """L_ICL and L_TVP written out by hand: log-softmax gathers, and a hook of our own that
+    overwrites the query's arrow with the ICL residual (kept in the graph)."""
+    name = resid_hook_name(layer)
+    keep = {}
+
+    def grab(act, hook=None):
+        keep["v"] = act[:, 4 * batch.ys.shape[1] - 2]  # the last "->" of the ICL sequence
+        return act
+
+    logp = model.run_with_hooks(batch.ids, fwd_hooks=[(name, grab)]).log_softmax(-1)
+    B, K = batch.ys.shape
+    cols = torch.arange(K) * 4 + 2  # the arrow before each y_i predicts it
+    icl = -logp[torch.arange(B)[:, None], cols[None], batch.ys].mean()
+
+    def swap(act, hook=None):
+        act = act.clone()
+        act[:, -1] = keep["v"]
+        return act
+
+    q = model.run_with_hooks(batch.query_ids, fwd_hooks=[(name, swap)]).log_softmax(-1)
+    tvp = -q[torch.arange(B), -1, batch.query_answers].mean()
+    return icl, tvp, keep["v"]
+
+
+def test_tvp_loss_and_gradients_match_a_reference_written_out():
     model = build_model(SMALL)
     tasks, _ = SMALL.tasks()
     batch = sample_batch(task_tables(tasks), SMALL.n_pairs, 6, torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
     out = tvp_losses(model, batch, layer=1, lam=0.7, capture_injected=True)
-    # extracted = the residual after layer 1 at the last arrow of an independent forward
-    _, cache = model.run_with_cache(batch.ids, names_filter=resid_hook_name(1))
-    ref = cache[resid_hook_name(1)][:, 4 * SMALL.n_pairs - 2]
-    torch.testing.assert_close(out.extracted, ref, rtol=0, atol=1e-6)
-    # the zero-shot residual at the query arrow after the swap is exactly that vector
+    icl, tvp, v = _reference_tvp_losses(model, batch, 1)
+    # the extracted state is the ICL residual; the zero-shot residual after the swap is a
+    # copy of it (bits), the losses are computed (float32, O(1), 1e-6 is ~8 eps)
+    torch.testing.assert_close(out.extracted, v, rtol=0, atol=1e-6)
     torch.testing.assert_close(out.injected, out.extracted, rtol=0, atol=0)
-    torch.testing.assert_close(out.loss, out.icl + 0.7 * out.tvp)
-    # gradient of L_TVP reaches the ICL forward through the vector
-    (g,) = torch.autograd.grad(out.tvp, out.extracted, retain_graph=True)
-    assert g.abs().sum() > 0
+    torch.testing.assert_close(out.icl, icl, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.tvp, tvp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.loss, icl + 0.7 * tvp, rtol=1e-6, atol=1e-6)
+    assert tvp > 0.1 and abs(float(out.tvp - out.icl)) > 1e-3  # two different losses
+
+    def grads(loss):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
+
+    def close(a, b):
+        # float32 backward through the same graph shape: relative to the largest entry
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max(), rtol=1e-4)
+
+    g_icl = grads(icl)
+    # λ = 0 is the plain ICL baseline: its gradient is the ICL loss's gradient
+    close(grads(tvp_losses(model, batch, layer=1, lam=0.0).loss), g_icl)
+    # λ = 0.7: the TVP term adds its gradient, including the path through v into the ICL pass
+    g = grads(out.loss)
+    close(g, grads(icl + 0.7 * tvp))
+    assert (g - g_icl).abs().max() > 1e-3 * g_icl.abs().max()
     emb = dict(model.named_parameters())
     name = next(n for n in emb if "embed" in n)
     (ge,) = torch.autograd.grad(out.tvp, emb[name])
@@ -145,9 +185,22 @@ def test_cli_train_writes_a_checkpoint_and_json(tmp_path, capsys):
                  "--eval-every", "0", "--out", str(tmp_path / "run"), "--json"])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
-    assert {"icl_accuracy", "ood_icl_accuracy", "tv_accuracy_by_layer", "tvp_layer"} <= set(data)
-    assert len(data["tv_accuracy_by_layer"]) == PRESETS["tiny"].n_layers
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert data["steps"] == 3 and data["tvp_layer"] == PRESETS["tiny"].tvp_layer
+    assert len(data["tv_accuracy_by_layer"]) == PRESETS["tiny"].n_layers
+    # the reported measures, recomputed from the saved checkpoint
+    from tvlens.emergence.measure import evaluate_run
+    from tvlens.emergence.training import load_model
+
+    model, cfg = load_model(tmp_path / "run")
+    assert cfg.n_eval == 8 and cfg.steps == 3
+    again = evaluate_run(model, cfg)
+    for key in ("icl_accuracy", "ood_icl_accuracy", "long_context_icl_accuracy",
+                "zero_shot_accuracy"):
+        assert isinstance(data[key], float) and 0 <= data[key] <= 1, key
+        assert data[key] == pytest.approx(again[key]), key
+    assert data["tv_accuracy_by_layer"] == pytest.approx(again["tv_accuracy_by_layer"])
+    assert data["chance"] == pytest.approx(1 / cfg.n_values)
     assert main(["tvp", "train", "--preset", "tiny", "--tvp-lambda", "-1",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "tvp_lambda" in capsys.readouterr().err

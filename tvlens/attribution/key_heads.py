@@ -129,16 +129,19 @@ def ablation_hooks(model, batch: PromptBatch, heads: Sequence[Head], mode: str =
 
 
 def ablation_effects(model, batch: PromptBatch, vector: TaskVector | None = None, *,
-                     mode: str = "zero", heads_per_forward: int = 32
-                     ) -> Float[Tensor, "layer head"]:
-    """Ground truth: ``mean_b |p_b − p_b^{ablate (l,h)}|`` for every head, batched."""
+                     mode: str = "zero", heads_per_forward: int = 32,
+                     heads: Sequence[Head] | None = None) -> Float[Tensor, "layer head"]:
+    """Ground truth: ``mean_b |p_b − p_b^{ablate (l,h)}|`` for every head, batched.
+
+    ``heads`` limits it to those heads (default: all); the others are NaN.
+    """
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    heads = all_heads(model) if heads is None else check_heads(model, heads)
     means = head_means(model, batch, vector) if mode == "mean" else None
     with torch.no_grad():
         base = answer_prob(last_token_logits(model, batch, vector_hooks(model, vector, batch)), batch)
-    heads = all_heads(model)
     B = len(batch)
-    out = torch.zeros(L, H)
+    out = torch.full((L, H), float("nan"))
     for start in range(0, len(heads), heads_per_forward):
         chunk = heads[start : start + heads_per_forward]
         big = repeat_batch(batch, len(chunk))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from tvlens import TvlensError, evaluate, make_examples, tokenize
 from tvlens.extract import (
@@ -29,6 +30,37 @@ def ragged():
     pairs = tuple((" ".join(f"w{j % 40}" for j in range(i, i + 1 + i % 3)), f"o{i % 7}")
                   for i in range(40))
     return Task("ragged", pairs)
+
+
+@pytest.fixture
+def tiny_llama(ragged):
+    """A random 3-layer GQA Hugging Face ``LlamaForCausalLM`` under a TransformerBridge
+    (0.1 s), so the Hugging Face KV-cache path runs without the embedded model. Its
+    tokenizer covers ``ragged`` in the "qa" template; ``initializer_range=0.2`` makes the
+    heads matter (AIEs ~1e-3, not the ~1e-6 of the default 0.02)."""
+    import warnings
+
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tvlens.models.loading import _finish
+    from tvlens.models.word_tokenizer import word_tokenizer
+
+    tok = word_tokenizer([f"Q: {x}\nA: {y}\n\n" for x, y in ragged.pairs])
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    hf = LlamaForCausalLM(cfg).eval()  # seeded by the autouse fixture
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _finish(build_bridge_from_module(hf, "LlamaForCausalLM", hf_config=cfg,
+                                                tokenizer=tok, model_name="tiny-llama"))
+
+
+def _no_runtime_warning(record) -> None:
+    assert not [w for w in record if issubclass(w.category, RuntimeWarning)], \
+        [str(w.message) for w in record]
 
 
 def _one_by_one(model, examples, template, hook_name):
@@ -107,7 +139,119 @@ def test_indirect_effects_head_subset_and_no_cache_model(tiny, task):
         indirect_effects(tiny, task, mz, batch=batch, heads=[(0, 9)])
 
 
+def test_native_model_keeps_no_kv_cache_so_auto_runs_full_forwards(tiny, ragged):
+    """boot_native models take no Hugging Face cache: "auto" quietly runs full forwards
+    (equal to the loop), True refuses with the reason and the way out."""
+    import warnings
+
+    from tvlens.extract import fv
+
+    mz = mean_head_outputs(tiny, ragged, shots=3, n_prompts=4, batch_size=4)
+    batch = shuffled_prompts(tiny, ragged, shots=3, n_prompts=3, seed=1)
+    cache, form, why = fv._prefix_cache(tiny, batch.input_ids, batch.attention_mask)
+    assert cache is None and form is None and "keeps no Hugging Face KV cache" in why
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        auto = indirect_effects(tiny, ragged, mz, batch=batch, batch_size=7)
+    _no_runtime_warning(record)  # nothing was expected of this model, so nothing to say
+    torch.testing.assert_close(auto, indirect_effects_loop(tiny, ragged, mz, batch=batch),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(TvlensError, match=r"no Hugging Face KV cache; use prefix_cache=False"):
+        indirect_effects(tiny, ragged, mz, batch=batch, prefix_cache=True)
+
+
+def test_bad_prefix_cache_value(tiny, task):
+    with pytest.raises(TvlensError, match="prefix_cache must be True, False or 'auto'"):
+        indirect_effects(tiny, task, torch.zeros(3, 4, 8), prefix_cache="yes")
+
+
+# float32 tolerance for cached vs loop AIEs: both are means of probabilities in [0, 1]
+# that differ only in float reduction order (prefix + last token vs one full forward);
+# float32 rounds at ~1.2e-7 relative, and measured differences are ≤ 3e-8 on tiny_llama and
+# ≤ 2.3e-7 on SmolLM2 (30 layers), while a cache without the prefix moves them by ≥ 1e-4.
+AIE_ATOL_F32 = 1e-6
+
+
+def test_kv_cached_indirect_effects_equal_loop_on_a_tiny_hf_llama(tiny_llama, ragged):
+    import warnings
+
+    from tvlens.extract import fv
+
+    mz = mean_head_outputs(tiny_llama, ragged, shots=3, n_prompts=4, batch_size=4)
+    batch = shuffled_prompts(tiny_llama, ragged, shots=3, n_prompts=3, seed=1)
+    assert batch.attention_mask.sum(1).unique().numel() > 1  # left padding exercised
+    cache, form, why = fv._prefix_cache(tiny_llama, batch.input_ids, batch.attention_mask)
+    assert cache is not None, why  # this transformers / TransformerLens pairing has a route
+    assert [cache.get_seq_length(l) for l in range(3)] == [batch.input_ids.shape[1] - 1] * 3
+    slow = indirect_effects_loop(tiny_llama, ragged, mz, batch=batch)
+    assert slow.abs().max() > 100 * AIE_ATOL_F32  # patching matters: equality means something
+    for batch_size in (1, 7, 64):  # one head per forward, uneven chunks, all heads at once
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            fast = indirect_effects(tiny_llama, ragged, mz, batch=batch, batch_size=batch_size,
+                                    prefix_cache=True)  # raises unless the cache is used
+        _no_runtime_warning(record)
+        assert not torch.isnan(fast).any()
+        torch.testing.assert_close(fast, slow, atol=AIE_ATOL_F32, rtol=0)
+    full = indirect_effects(tiny_llama, ragged, mz, batch=batch, prefix_cache=False)
+    torch.testing.assert_close(full, slow, atol=AIE_ATOL_F32, rtol=0)
+
+
+def test_a_kv_cache_without_the_prefix_is_refused_on_a_tiny_hf_llama(tiny_llama, ragged,
+                                                                     monkeypatch):
+    """The transformers 5.24 + TransformerLens 4.3 failure was an attention that never
+    writes to the cache, so the last token was recomputed without its prompt. Simulated
+    here two ways; each check refuses it, and "auto" warns and equals the loop."""
+    import transformers
+
+    from tvlens.extract import fv
+
+    mz = mean_head_outputs(tiny_llama, ragged, shots=3, n_prompts=4, batch_size=4)
+    batch = shuffled_prompts(tiny_llama, ragged, shots=3, n_prompts=3, seed=1)
+    slow = indirect_effects_loop(tiny_llama, ragged, mz, batch=batch)
+    n_prefix = batch.input_ids.shape[1] - 1
+    with monkeypatch.context() as m:  # 1. attention computes K/V but the cache keeps none
+        m.setattr(transformers.DynamicCache, "update", lambda self, k, v, *a, **kw: (k, v))
+        with pytest.raises(TvlensError, match=rf"holds \[0\] positions per layer, not the "
+                                              rf"prefix length {n_prefix}.*prefix_cache=False"):
+            indirect_effects(tiny_llama, ragged, mz, batch=batch, prefix_cache=True)
+        with pytest.warns(RuntimeWarning, match=r"prefix KV cache not used \(after the prefix"):
+            auto = indirect_effects(tiny_llama, ragged, mz, batch=batch)
+        torch.testing.assert_close(auto, slow, atol=AIE_ATOL_F32, rtol=0)
+    real = fv._cache_forms(fv._hf_model(tiny_llama))[-1]
+    with monkeypatch.context() as m:  # 2. a cache that passed the length check but is empty
+        m.setattr(fv, "_prefix_cache", lambda model, ids, mask: (
+            transformers.DynamicCache(config=model.original_model.config), real, ""))
+        with pytest.raises(TvlensError, match=r"last-token probabilities differ from a full "
+                                              r"forward's by .*prefix_cache=False"):
+            indirect_effects(tiny_llama, ragged, mz, batch=batch, prefix_cache=True)
+        with pytest.warns(RuntimeWarning, match="running full forwards instead"):
+            auto = indirect_effects(tiny_llama, ragged, mz, batch=batch)
+        torch.testing.assert_close(auto, slow, atol=AIE_ATOL_F32, rtol=0)
+
+
+def _set_b_O(model) -> list[Tensor]:
+    """Give every attention layer a non-zero output bias (tiny models start with zeros, so
+    a test of "+ b_O" would pass whatever the rule); returns the biases set, per layer."""
+    biases = []
+    for block in model.blocks:
+        b = torch.randn(int(model.cfg.d_model))
+        with torch.no_grad():
+            block.attn.b_O.copy_(b)
+        biases.append(b)
+    assert all(float(block.attn.b_O.abs().min()) > 0 for block in model.blocks)
+    return biases
+
+
+def _W_O(model, layer: int, h: int) -> Tensor:
+    """W_O of one head from the output projection's weight ``[d_model, n_heads·d_head]``,
+    not from the bridge's ``W_O`` property that fv_from_heads reads."""
+    d = int(model.cfg.d_head)
+    return model.blocks[layer].attn.o.weight.detach()[:, h * d : (h + 1) * d].T
+
+
 def test_function_vector_is_sum_of_top_heads_through_W_O(tiny, task):
+    b_O = _set_b_O(tiny)
     fv = function_vector(tiny, task, k=3, layer=1, shots=3, n_prompts=5, n_ie_prompts=3)
     mz = mean_head_outputs(tiny, task, shots=3, n_prompts=5, template="qa")
     aie = torch.tensor(fv.history["indirect_effects"])
@@ -119,11 +263,32 @@ def test_function_vector_is_sum_of_top_heads_through_W_O(tiny, task):
         if tiny.blocks[layer].attn.b_O is not None:
             oracle = oracle + tiny.blocks[layer].attn.b_O.detach()
     torch.testing.assert_close(fv.vectors[0, 0], oracle, atol=1e-5, rtol=1e-5)
+    independent = (sum(mz[l, h] @ _W_O(tiny, l, h) for l, h in heads)
+                   + sum(b_O[l] for l in {l for l, _ in heads}))
+    torch.testing.assert_close(fv.vectors[0, 0], independent, atol=1e-5, rtol=1e-5)
     assert fv.mode == "add" and fv.layers == (1,) and fv.method == "fv"
+
+
+def test_fv_adds_b_O_once_per_distinct_layer(tiny, task):
+    """Top heads (1, 0), (1, 2), (2, 3): layer 1 twice, so once per layer and once per head
+    give different vectors (by b_O[1], a norm-~5 vector); the FV is the former."""
+    b_O = _set_b_O(tiny)
+    mz = mean_head_outputs(tiny, task, shots=3, n_prompts=4, template="qa")
+    aie = torch.zeros(3, 4)
+    aie[1, 0], aie[1, 2], aie[2, 3] = 3.0, 2.0, 1.0
+    fv = function_vector(tiny, task, k=3, layer=0, mean_z=mz, aie=aie)
+    heads = [(1, 0), (1, 2), (2, 3)]
+    assert fv.history["heads"] == [list(lh) for lh in heads]
+    through_W_O = sum(mz[l, h] @ _W_O(tiny, l, h) for l, h in heads)
+    once_per_layer = through_W_O + b_O[1] + b_O[2]
+    once_per_head = through_W_O + 2 * b_O[1] + b_O[2]
+    torch.testing.assert_close(fv.vectors[0, 0], once_per_layer, atol=1e-5, rtol=1e-5)
+    assert (fv.vectors[0, 0] - once_per_head).abs().max() > 0.1  # the rules are told apart
 
 
 def test_fv_of_a_whole_layer_is_its_mean_attention_output(tiny, task):
     """Linearity: Σ_h z̄_h W_O[h] + b_O = mean over prompts of hook_attn_out at the last token."""
+    _set_b_O(tiny)  # non-zero, so the "+ b_O" is checked against the model's own output
     mz = mean_head_outputs(tiny, task, shots=3, n_prompts=4, template="qa")
     aie = torch.full((3, 4), -1.0)
     aie[1] = 1.0  # top-4 heads = all heads of layer 1
@@ -198,6 +363,67 @@ def test_kv_cached_indirect_effects_match_loop_on_smollm2(smol):
     fast = indirect_effects(smol, task, mz, batch=batch, heads=heads, prefix_cache=True)
     slow = indirect_effects_loop(smol, task, mz, batch=batch, heads=heads)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def _ranks(x: Tensor) -> Tensor:
+    return torch.argsort(torch.argsort(x)).double()
+
+
+@pytest.mark.slow
+def test_kv_cached_aie_ranks_heads_like_the_loop_on_smollm2(smol):
+    """27 heads (all of layers 0, 14, 29): the KV-cached AIEs equal the loop's within
+    AIE_ATOL_F32, with the same ranking (Spearman 1) and the same top 10. prefix_cache=True
+    raises unless the cache was built and passed both checks, so this is the fast path."""
+    import warnings
+
+    from tvlens import load_task
+
+    task = load_task("capitalize")
+    mz = mean_head_outputs(smol, task, shots=3, n_prompts=2)
+    batch = shuffled_prompts(smol, task, shots=3, n_prompts=2)
+    heads = [(layer, h) for layer in (0, 14, 29) for h in range(9)]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fast = indirect_effects(smol, task, mz, batch=batch, heads=heads, prefix_cache=True)
+    _no_runtime_warning(record)
+    assert not [w for w in record if "past_key_values" in str(w.message)]  # 5.24's deprecation
+    slow = indirect_effects_loop(smol, task, mz, batch=batch, heads=heads)
+    f = torch.stack([fast[lh] for lh in heads])
+    s = torch.stack([slow[lh] for lh in heads])
+    assert s.abs().max() > 1e-3  # (the uncached rerun of 5.24 was off by 6e-3)
+    torch.testing.assert_close(f, s, atol=AIE_ATOL_F32, rtol=0)
+    assert torch.corrcoef(torch.stack([_ranks(f), _ranks(s)]))[0, 1] > 1 - 1e-9  # Spearman
+    assert set(torch.topk(f, 10).indices.tolist()) == set(torch.topk(s, 10).indices.tolist())
+
+
+@pytest.mark.slow
+def test_a_kv_cache_without_the_prefix_is_refused_not_used(smol, monkeypatch):
+    """The transformers-5.24 failure: a cache that does not hold the prefix. Both checks
+    (its length; cached vs full answer probabilities) refuse it, and "auto" falls back to
+    the exact path."""
+    import transformers
+
+    from tvlens import load_task
+    from tvlens.extract import fv
+
+    task = load_task("capitalize")
+    mz = mean_head_outputs(smol, task, shots=3, n_prompts=2)
+    batch = shuffled_prompts(smol, task, shots=3, n_prompts=2)
+    heads = [(14, 5), (29, 8)]
+    slow = indirect_effects_loop(smol, task, mz, batch=batch, heads=heads)
+    with monkeypatch.context() as m:  # the length check
+        m.setattr(transformers.DynamicCache, "get_seq_length", lambda self, *a, **k: 0)
+        with pytest.raises(TvlensError, match=r"holds \[0\] positions per layer"):
+            indirect_effects(smol, task, mz, batch=batch, heads=heads, prefix_cache=True)
+        with pytest.warns(RuntimeWarning, match="prefix KV cache not used"):
+            auto = indirect_effects(smol, task, mz, batch=batch, heads=heads)
+        torch.testing.assert_close(auto, slow, atol=1e-5, rtol=0, equal_nan=True)
+    with monkeypatch.context() as m:  # an empty cache that passed the length check
+        form = fv._cache_forms(fv._hf_model(smol))[0]
+        m.setattr(fv, "_prefix_cache", lambda model, ids, mask:
+                  (transformers.DynamicCache(config=smol.original_model.config), form, ""))
+        with pytest.raises(TvlensError, match="full forward's by"):
+            indirect_effects(smol, task, mz, batch=batch, heads=heads, prefix_cache=True)
 
 
 def test_cli_rejects_bad_method_and_layer_before_loading(tmp_path, capsys):

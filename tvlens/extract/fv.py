@@ -13,12 +13,38 @@ grouped-query attention), indexed ``(l, h)`` with ``l < L`` layers and ``h < H``
 
    :func:`indirect_effects` batches heads: each prompt is repeated once per head of a
    chunk along the batch dimension, and one hook per layer writes a different head's
-   mean into each copy. When the model supports a KV cache (the bridge over a Hugging
-   Face model does), the prompt prefix (all but the last column; batches are left-padded,
-   so the last column is every row's last token) runs once and only the last token is
-   recomputed per copy — patching the last position cannot change earlier positions
-   (causal attention), so this is exact up to float reduction order. The reference
-   :func:`indirect_effects_loop` runs one full forward per head (Todd's original scheme).
+   mean into each copy. The reference :func:`indirect_effects_loop` runs one full forward
+   per head (Todd's original scheme).
+
+   **Prefix KV cache** (``prefix_cache``). Patching the last position cannot change
+   earlier positions (causal attention), so the prompt prefix (all but the last column;
+   batches are left-padded, so the last column is every row's last token) can run once
+   and only the last token be recomputed per copy — exact up to float reduction order.
+   This needs a bridge over a Hugging Face model (``model.original_model`` a
+   ``transformers.PreTrainedModel``) and depends on exactly this:
+
+   - a ``transformers.DynamicCache(config=hf_config)`` that tvlens creates and owns, and
+     its public ``get_seq_length(layer_idx)`` and ``batch_repeat_interleave(n)`` (plus a
+     ``copy.deepcopy`` per chunk);
+   - handing that cache to the bridge's ``forward`` / ``run_with_hooks`` under the name
+     the installed ``LlamaForCausalLM.forward``-style signature declares:
+     ``past_key_values=`` (transformers ≤ 5.23; TransformerBridge's documented KV entry
+     point) or ``cache=`` (transformers ≥ 5.24, which renamed it and deprecates
+     ``past_key_values``);
+   - on transformers ≥ 5.24 with TransformerLens 4.3, whose reimplemented attention
+     (``AttentionBridge._update_kv_cache``) still reads only ``past_key_values`` or
+     ``layer_past`` from its kwargs while HF now passes ``cache=``, the cache stays empty;
+     tvlens then retries once passing the same object also as ``layer_past=`` (HF forwards
+     unknown kwargs down to every attention module), the alias that bridge reads.
+
+   Whatever route is used, it is checked before use: every layer of the cache must hold
+   exactly the prefix length (``ids.shape[1] - 1``) of positions, and the unpatched
+   cached last-token distribution must equal a full forward's within
+   :func:`_cache_check_atol` (1e-4 in float32). If a check fails, ``prefix_cache=True``
+   raises :class:`TvlensError`; ``"auto"`` warns (``RuntimeWarning``) and runs full
+   forwards. Tested with TransformerLens 4.3.0 on transformers 5.23.0 (``past_key_values``)
+   and 5.24.0 (``cache`` + ``layer_past``), on SmolLM2-135M (Llama). Native bridges
+   (``boot_native``) keep no KV cache, so they always run full forwards.
 3. **Function vector.** With ``S`` the top-k heads by AIE,
 
        FV = Σ_{(l,h) ∈ S} z̄[l, h] @ W_O[l, h]  (+ b_O[l] once per layer in S, when present)
@@ -30,7 +56,10 @@ grouped-query attention), indexed ``(l, h)`` with ``l < L`` layers and ``h < H``
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -132,6 +161,76 @@ def _answer_probs(logits_last: Tensor, targets: Tensor) -> Tensor:
     return logits_last.float().softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def _hf_model(model):
+    """The Hugging Face model under a bridge, or None (native and other backends)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    hf = getattr(model, "original_model", None)
+    return hf if isinstance(hf, PreTrainedModel) else None
+
+
+def _cache_forms(hf) -> list[Callable[[Any], dict]]:
+    """Ways to hand a cache to the bridge, in order of preference (module docstring)."""
+    params = inspect.signature(hf.forward).parameters
+    if "past_key_values" in params:  # transformers <= 5.23: the bridge's documented kwarg
+        return [lambda kv: {"past_key_values": kv}]
+    if "cache" in params:  # transformers >= 5.24
+        return [lambda kv: {"cache": kv, "use_cache": True},
+                # TransformerLens 4.3's attention reads `layer_past`, not `cache`
+                lambda kv: {"cache": kv, "layer_past": kv, "use_cache": True}]
+    return []
+
+
+def _cache_check_atol(model) -> float:
+    """Largest |p_cached − p_full| over the vocabulary accepted for the unpatched last token.
+
+    Cached and full forwards differ only in float reduction order. In float32, SmolLM2's
+    last-token logits then differ by ~3e-5 (relative ~1e-6 over 30 layers), and a softmax
+    moves each probability by at most half the largest logit change, so 1e-4 leaves a
+    few-fold margin while a cache without the prefix moves probabilities by O(0.1). In
+    16-bit the logits' own rounding (bfloat16: 2^-8 relative, ~0.1 at |logit| 20) allows
+    changes of a few 1e-2, hence 5e-2.
+    """
+    dtype = _dtype(model)
+    bits = torch.finfo(dtype).bits if isinstance(dtype, torch.dtype) and dtype.is_floating_point else 32
+    return 1e-4 if bits >= 32 else 5e-2
+
+
+def _prefix_cache(model, ids: Tensor, mask: Tensor) -> tuple[Any, Callable[[Any], dict] | None, str]:
+    """Run the prefix ``ids[:, :-1]`` once into a KV cache.
+
+    Returns ``(cache, form, "")`` where ``form(cache)`` gives the forward kwargs, or
+    ``(None, None, why)`` when no route fills the cache with exactly the prefix.
+    """
+    hf = _hf_model(model)
+    if hf is None:
+        return None, None, (f"this model ({type(getattr(model, 'original_model', model)).__name__}) "
+                            "keeps no Hugging Face KV cache")
+    forms = _cache_forms(hf)
+    if not forms:
+        return None, None, (f"{type(hf).__name__}.forward takes neither `past_key_values` nor "
+                            "`cache`, so it has no KV cache tvlens knows how to pass")
+    from transformers import DynamicCache
+
+    n_prefix, n_layers = ids.shape[1] - 1, int(model.cfg.n_layers)
+    why = ""
+    for form in forms:
+        kv = DynamicCache(config=hf.config)
+        try:
+            model(ids[:, :-1], attention_mask=mask[:, :-1], **form(kv))
+        except (TypeError, ValueError) as e:  # this route is refused by this transformers
+            why = f"the prefix forward with a KV cache failed ({type(e).__name__}: {e})"
+            continue
+        lengths = sorted({int(kv.get_seq_length(layer)) for layer in range(n_layers)})
+        if lengths == [n_prefix]:
+            return kv, form, ""
+        why = (f"after the prefix forward the KV cache holds {lengths} positions per layer, "
+               f"not the prefix length {n_prefix}")
+    return None, None, why
+
+
 @torch.no_grad()
 def indirect_effects(
     model, task: Task, mean_z: Float[Tensor, "layer head d_head"], *, shots: int = 10,
@@ -146,10 +245,15 @@ def indirect_effects(
         n_prompts: M shuffled-label prompts (Todd: 25).
         batch_size: rows per forward (prompts × heads of one chunk).
         heads: evaluate only these ``(layer, head)``; the others are NaN.
-        prefix_cache: run the shared prefix once and only the last token per copy
-            (``"auto"``: when the model returns a KV cache).
+        prefix_cache: run the shared prefix once into a KV cache and only the last token
+            per copy. ``True``: required (raises :class:`TvlensError` when the model has
+            no KV cache or the cache fails its checks); ``"auto"``: when the model is a
+            bridge over a Hugging Face model, falling back to full forwards with a
+            ``RuntimeWarning`` if the cache fails its checks; ``False``: full forwards.
         batch: prebuilt prompts (overrides shots / n_prompts / template / seed).
     """
+    if not (prefix_cache is True or prefix_cache is False or prefix_cache == "auto"):
+        raise TvlensError(f"prefix_cache must be True, False or 'auto', got {prefix_cache!r}")
     _check_mean_z(model, mean_z)
     heads = _heads(model, heads)
     batch = batch if batch is not None else shuffled_prompts(
@@ -159,27 +263,48 @@ def indirect_effects(
     device = model.cfg.device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     targets = batch.first_answer_ids.to(device)
-    cache = None
-    if prefix_cache and ids.shape[1] > 1:
-        _, cache = model(ids[:, :-1], attention_mask=mask[:, :-1], return_type="logits_and_cache")
-        if cache is None and prefix_cache is True:
-            raise TvlensError("this model returns no KV cache; use prefix_cache=False")
+    cache = form = base_logits = None
 
-    def run(c: int, hooks: list) -> Tensor:  # last-token answer probs of c copies per prompt
+    def last_logits(c: int, hooks: list) -> Tensor:  # [B * c, vocab]: c copies per prompt
         m = mask.repeat_interleave(c, 0)
         if cache is not None:
             kv = copy.deepcopy(cache)
-            kv.batch_repeat_interleave(c)
+            if c > 1:
+                kv.batch_repeat_interleave(c)
             logits = model.run_with_hooks(ids[:, -1:].repeat_interleave(c, 0), attention_mask=m,
-                                          past_key_values=kv, fwd_hooks=hooks)
+                                          fwd_hooks=hooks, **form(kv))
         else:
             logits = model.run_with_hooks(ids.repeat_interleave(c, 0), attention_mask=m,
                                           fwd_hooks=hooks)
-        return _answer_probs(logits[:, -1], targets.repeat_interleave(c, 0)).view(B, c)
+        return logits[:, -1]
+
+    if prefix_cache is not False and ids.shape[1] > 1:
+        cache, form, why = _prefix_cache(model, ids, mask)
+        if cache is not None:  # the unpatched cached last token must match a full forward
+            full = model(ids, attention_mask=mask)[:, -1].float().softmax(-1)
+            base_logits = last_logits(1, [])
+            diff = float((base_logits.float().softmax(-1) - full).abs().max())
+            atol = _cache_check_atol(model)
+            if not diff <= atol:
+                cache = form = base_logits = None
+                why = (f"with the KV cache the unpatched last-token probabilities differ from a "
+                       f"full forward's by {diff:.2g} (> {atol:g} allowed in {_dtype(model)})")
+        if cache is None:
+            if prefix_cache is True:
+                raise TvlensError(f"prefix_cache=True, but {why}; use prefix_cache=False "
+                                  "(or 'auto')")
+            if _hf_model(model) is not None:  # a cache was expected: say why it is not used
+                warnings.warn(f"indirect_effects: prefix KV cache not used ({why}); running "
+                              "full forwards instead (same result, slower)", RuntimeWarning,
+                              stacklevel=3)
+
+    def run(c: int, hooks: list) -> Tensor:  # last-token answer probs of c copies per prompt
+        return _answer_probs(last_logits(c, hooks), targets.repeat_interleave(c, 0)).view(B, c)
 
     # every row's last token is the last column (prompts are left-padded)
     cols = torch.full((B * chunk,), 0 if cache is not None else ids.shape[1] - 1)
-    base = run(1, [])[:, 0]  # [B]
+    base = (run(1, [])[:, 0] if base_logits is None  # [B]
+            else _answer_probs(base_logits, targets))  # the checked cached forward, reused
     out = torch.full((int(model.cfg.n_layers), int(model.cfg.n_heads)), float("nan"))
     for start in range(0, len(heads), chunk):
         part = heads[start : start + chunk]

@@ -34,8 +34,9 @@ grouped-query attention), indexed ``(l, h)`` with ``l < L`` layers and ``h < H``
    - on transformers ≥ 5.24 with TransformerLens 4.3, whose reimplemented attention
      (``AttentionBridge._update_kv_cache``) still reads only ``past_key_values`` or
      ``layer_past`` from its kwargs while HF now passes ``cache=``, the cache stays empty;
-     tvlens then retries once passing the same object also as ``layer_past=`` (HF forwards
-     unknown kwargs down to every attention module), the alias that bridge reads.
+     tvlens then passes the same object also as ``layer_past=`` (HF forwards unknown
+     kwargs down to every attention module), the alias that bridge reads. Which of the
+     two routes fills the cache is decided by a one-token probe forward first.
 
    Whatever route is used, it is checked before use: every layer of the cache must hold
    exactly the prefix length (``ids.shape[1] - 1``) of positions, and the unpatched
@@ -194,11 +195,13 @@ def _cache_check_atol(model) -> float:
     changes of a few 1e-2, hence 5e-2.
     """
     dtype = _dtype(model)
-    bits = torch.finfo(dtype).bits if isinstance(dtype, torch.dtype) and dtype.is_floating_point else 32
+    floating = isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    bits = torch.finfo(dtype).bits if floating else 32
     return 1e-4 if bits >= 32 else 5e-2
 
 
-def _prefix_cache(model, ids: Tensor, mask: Tensor) -> tuple[Any, Callable[[Any], dict] | None, str]:
+def _prefix_cache(model, ids: Tensor,
+                  mask: Tensor) -> tuple[Any, Callable[[Any], dict] | None, str]:
     """Run the prefix ``ids[:, :-1]`` once into a KV cache.
 
     Returns ``(cache, form, "")`` where ``form(cache)`` gives the forward kwargs, or
@@ -206,28 +209,38 @@ def _prefix_cache(model, ids: Tensor, mask: Tensor) -> tuple[Any, Callable[[Any]
     """
     hf = _hf_model(model)
     if hf is None:
-        return None, None, (f"this model ({type(getattr(model, 'original_model', model)).__name__}) "
-                            "keeps no Hugging Face KV cache")
+        name = type(getattr(model, "original_model", model)).__name__
+        return None, None, f"this model ({name}) keeps no Hugging Face KV cache"
     forms = _cache_forms(hf)
     if not forms:
         return None, None, (f"{type(hf).__name__}.forward takes neither `past_key_values` nor "
                             "`cache`, so it has no KV cache tvlens knows how to pass")
     from transformers import DynamicCache
 
-    n_prefix, n_layers = ids.shape[1] - 1, int(model.cfg.n_layers)
-    why = ""
-    for form in forms:
+    n_layers = int(model.cfg.n_layers)
+
+    def fill(form, x: Tensor, m: Tensor) -> tuple[Any, str]:
         kv = DynamicCache(config=hf.config)
         try:
-            model(ids[:, :-1], attention_mask=mask[:, :-1], **form(kv))
+            model(x, attention_mask=m, **form(kv))
         except (TypeError, ValueError) as e:  # this route is refused by this transformers
-            why = f"the prefix forward with a KV cache failed ({type(e).__name__}: {e})"
-            continue
+            return None, f"the prefix forward with a KV cache failed ({type(e).__name__}: {e})"
         lengths = sorted({int(kv.get_seq_length(layer)) for layer in range(n_layers)})
-        if lengths == [n_prefix]:
+        if lengths != [x.shape[1]]:
+            return None, (f"after the prefix forward the KV cache holds {lengths} positions per "
+                          f"layer, not the prefix length {x.shape[1]}")
+        return kv, ""
+
+    for i, form in enumerate(forms):
+        # a one-token probe rules a route out without a wasted prefix forward; the last
+        # route runs the prefix regardless, so a refusal names the prefix it failed on
+        if i < len(forms) - 1:
+            probe, _ = fill(form, ids[:1, -1:], torch.ones_like(mask[:1, -1:]))
+            if probe is None:
+                continue
+        kv, why = fill(form, ids[:, :-1], mask[:, :-1])
+        if kv is not None:
             return kv, form, ""
-        why = (f"after the prefix forward the KV cache holds {lengths} positions per layer, "
-               f"not the prefix length {n_prefix}")
     return None, None, why
 
 

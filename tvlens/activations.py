@@ -1,7 +1,7 @@
-"""One way to read activations: residuals (or any hook) at resolved prompt positions.
+"""Reading activations: residuals (or any hook) at resolved prompt positions.
 
-Every method that extracts something from a forward pass goes through here, so the
-left-padding rule (positions come from the attention mask) lives in one place.
+Thin conveniences over :func:`tvlens.runner.run` (which does every forward), so the
+left-padding rule — positions come from the attention mask — lives in one place.
 """
 
 from __future__ import annotations
@@ -12,30 +12,19 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tvlens.injection import Hook, check_layer, resid_hook_name
+from tvlens.interventions.residual import check_layer, resid_hook_name
 from tvlens.prompts import Position, PromptBatch
+from tvlens.runner import run
 
 
-def capture(model, batch: PromptBatch, names: Sequence[str],
-            hooks: Sequence[Hook] = ()) -> dict[str, Tensor]:
-    """Full activations ``{hook name: [batch, seq, ...]}`` of one forward over ``batch``.
-
-    ``hooks`` (an injection, an ablation) are active during the forward. Gradients are
-    kept if the caller has them enabled.
-    """
-    store: dict[str, Tensor] = {}
-
-    def saver(name):
-        def fn(act, hook=None):
-            store[name] = act
-            return act
-        return fn
-
-    capture_hooks = [(n, saver(n)) for n in names]
-    device = model.cfg.device
-    model.run_with_hooks(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                         fwd_hooks=list(hooks) + capture_hooks)
-    return store
+def capture(model, batch, names: Sequence[str], interventions=None, *,
+            batch_size: int | None = None) -> dict[str, Tensor]:
+    """Full activations ``{hook name: [batch, seq, ...]}`` over ``batch`` (a PromptBatch or
+    PromptSet), with ``interventions`` (or raw ``fwd_hooks``) active. Gradients are kept if
+    the caller has them enabled."""
+    out = run(model, batch, interventions, capture=names, capture_at=None, logits=None,
+              batch_size=batch_size, grad=torch.is_grad_enabled(), progress=False)
+    return out.captured
 
 
 def at_position(acts: Tensor, batch: PromptBatch, position: Position = "last") -> Tensor:
@@ -44,11 +33,13 @@ def at_position(acts: Tensor, batch: PromptBatch, position: Position = "last") -
     return acts[torch.arange(acts.shape[0], device=acts.device), cols]
 
 
-def residuals(model, batch: PromptBatch, layers: Sequence[int], position: Position = "last",
-              hooks: Sequence[Hook] = ()) -> Float[Tensor, "batch layer d_model"]:
+def residuals(model, batch, layers: Sequence[int], position: Position = "last",
+              interventions=None, *, batch_size: int | None = None
+              ) -> Float[Tensor, "batch layer d_model"]:
     """The residual stream after each of ``layers`` at ``position`` of every prompt."""
     for layer in layers:
         check_layer(model, layer)
     names = [resid_hook_name(layer) for layer in layers]
-    store = capture(model, batch, names, hooks)
-    return torch.stack([at_position(store[n], batch, position) for n in names], dim=1)
+    out = run(model, batch, interventions, capture=names, capture_at=position, logits=None,
+              batch_size=batch_size, grad=torch.is_grad_enabled(), progress=False)
+    return torch.stack([out.captured[n] for n in names], dim=1)

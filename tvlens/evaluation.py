@@ -8,28 +8,30 @@ answers correctly with 10-shot ICL; ``only_icl_correct=10`` does that (Hendel et
 not filter, the default).
 
 Anything with a ``hooks(model, batch)`` method can be passed as ``vector``: a
-:class:`~tvlens.vector.TaskVector`, an adaptive generator, an ablation.
+:class:`~tvlens.vector.TaskVector`, an adaptive generator, a head ablation, or a
+composition of them (``tv + HeadPatch.zero(model, heads)``). The prompts are written in
+the vector's own format (its ``template``) unless ``template`` says otherwise, which
+warns naming both formats. All forwards go through :func:`tvlens.runner.run`.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from tvlens.errors import TvlensError
+from tvlens.interventions.base import as_intervention, describe
 from tvlens.models.loading import fingerprint
-from tvlens.prompts import Example, Template, get_template, make_examples, tokenize
-from tvlens.scoring import answer_logprobs, bootstrap_ci, greedy_answers, last_token_logits
+from tvlens.prompts import (Example, PromptSet, Template, build_examples, get_template,  # noqa: F401
+                            make_examples, template_name)
+from tvlens.runner import run
+from tvlens.stats import Accuracy, accuracy
 from tvlens.tasks.task import Task
 
-
-@runtime_checkable
-class Intervention(Protocol):
-    def hooks(self, model, batch) -> list: ...
+DEFAULT_TEMPLATE = "arrow"  # prompts without a vector that names its own format
 
 
 @dataclass
@@ -48,32 +50,51 @@ class EvalResult:
     vector: str | None = None
     exact_match: float | None = None
     mean_logprob: float | None = None
+    template: str = DEFAULT_TEMPLATE
+
+    @property
+    def interval(self) -> Accuracy:
+        return Accuracy(self.accuracy, self.ci_low, self.ci_high, self.n)
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as plain JSON types (no records)."""
         out = {k: getattr(self, k) for k in ("model", "task", "shots", "split", "n", "accuracy",
-                                             "ci_low", "ci_high", "vector")}
+                                             "ci_low", "ci_high", "vector", "template")}
         if self.exact_match is not None:
             out["exact_match"] = self.exact_match
         if self.mean_logprob is not None:
             out["mean_logprob"] = self.mean_logprob
         return out
 
+    def to_frame(self) -> pd.DataFrame:
+        return self.records
+
     def __str__(self) -> str:
         return f"{self.accuracy:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}] (n={self.n})"
 
 
-def build_examples(task: Task, *, shots: int, split: str = "test", n: int | None = None,
-                   seed: int = 0, shuffle_labels: bool = False) -> list[Example]:
-    """The queries of ``split`` (first ``n``), each with ``shots`` train demonstrations."""
-    queries = task.split(split)
-    if n is not None:
-        if n <= 0:
-            raise TvlensError(f"n must be positive, got {n}")
-        queries = queries[:n]
-    if len(queries) == 0:
-        raise TvlensError(f"task {task.name!r} has no {split} items; use a larger task or another split")
-    return make_examples(queries, task.train, shots=shots, seed=seed, shuffle_labels=shuffle_labels)
+def vector_template(vector) -> str | None:
+    """The prompt format an intervention was made with (None: it does not say)."""
+    for part in getattr(vector, "parts", [vector]):
+        t = getattr(part, "template", None)
+        if t:
+            return t
+    return None
+
+
+def resolve_template(vector, template: str | Template | None, *, default: str = DEFAULT_TEMPLATE,
+                     what: str = "evaluate") -> str | Template:
+    """The format to write prompts in: ``template`` if given (warning when it differs from
+    the vector's own), else the vector's, else ``default``."""
+    own = vector_template(vector) if vector is not None else None
+    if template is None:
+        return own or default
+    if own is not None and get_template(own) != get_template(template):
+        warnings.warn(f"{what}: the vector was made with the {template_name(own)!r} format "
+                      f"({get_template(own).demo!r}) but prompts use {template_name(template)!r} "
+                      f"({get_template(template).demo!r}); pass template=None to use the vector's",
+                      UserWarning, stacklevel=3)
+    return template
 
 
 def evaluate(
@@ -81,9 +102,9 @@ def evaluate(
     task: Task,
     *,
     shots: int = 0,
-    vector: Intervention | None = None,
+    vector=None,
     split: str = "test",
-    template: str | Template = "arrow",
+    template: str | Template | None = None,
     n: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
@@ -91,6 +112,7 @@ def evaluate(
     logprob: bool = False,
     only_icl_correct: int | None = None,
     examples: list[Example] | None = None,
+    prompts: PromptSet | None = None,
     progress: bool | None = None,
 ) -> EvalResult:
     """Score ``model`` on ``task``; see the module docstring.
@@ -99,62 +121,68 @@ def evaluate(
         shots: demonstrations per prompt (0 = zero-shot), sampled from the train split.
         vector: injected into every prompt (a TaskVector or anything with ``hooks``).
         split, n: which items (the first ``n`` of the split).
+        template: the prompt format (default: the vector's own, else ``"arrow"``).
         batch_size: prompts per forward; bounds memory.
         seed: demonstration sampling and bootstrap seed.
         exact_match: also greedy-decode each full answer and compare token by token.
         logprob: also report the answer's mean token log-probability (teacher forced).
         only_icl_correct: keep only items answered correctly with that many shots.
         examples: prebuilt examples (overrides task/split/shots sampling).
+        prompts: a prebuilt :class:`PromptSet` (overrides everything that builds prompts).
         progress: show a progress bar (default: when there are more than 4 batches).
     """
-    template = get_template(template)
-    if batch_size <= 0:
-        raise TvlensError(f"batch_size must be positive, got {batch_size}")
-    if examples is None:
-        examples = build_examples(task, shots=shots, split=split, n=n, seed=seed)
-    if only_icl_correct is not None:
-        examples = _filter_icl_correct(model, task, examples, only_icl_correct, template,
-                                       batch_size, seed)
-    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    show = progress if progress is not None else len(chunks) > 4
-    rows = []
+    iv = as_intervention(vector)
+    if prompts is None:
+        template = resolve_template(iv, template)
+        get_template(template)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise TvlensError(f"batch_size must be positive, got {batch_size}")
+        if examples is None:
+            examples = build_examples(task, shots=shots, split=split, n=n, seed=seed)
+        if only_icl_correct is not None:
+            examples = _filter_icl_correct(model, task, examples, only_icl_correct, template,
+                                           batch_size, seed)
+        prompts = PromptSet.from_examples(model, examples, template, task=task.name, split=split,
+                                          shots=shots, seed=seed)
+    out = run(model, prompts, iv, logits="answer" if logprob else "scores", batch_size=batch_size,
+              progress=progress, desc=f"evaluate {task.name}", generate=exact_match)
+    batch = prompts.batch
     tokenizer = model.tokenizer
-    with torch.no_grad():
-        for chunk in tqdm(chunks, disable=not show, desc=f"evaluate {task.name}", leave=False):
-            batch = tokenize(model, chunk, template)
-            hooks = vector.hooks(model, batch) if vector is not None else []
-            logits = last_token_logits(model, batch, hooks)
-            pred = logits.argmax(-1).cpu()
-            target = batch.first_answer_ids.cpu()
-            lp_first = logits.float().log_softmax(-1).cpu()[torch.arange(len(batch)), target]
-            generated = greedy_answers(model, batch, hooks) if exact_match else None
-            lps = answer_logprobs(model, batch, hooks) if logprob else None
-            for i, ex in enumerate(chunk):
-                rec = {
-                    "input": ex.x,
-                    "target": ex.y,
-                    "target_token": tokenizer.decode([int(target[i])]),
-                    "prediction": tokenizer.decode([int(pred[i])]),
-                    "correct": bool(pred[i] == target[i]),
-                    "first_token_logprob": float(lp_first[i]),
-                }
-                if generated is not None:
-                    rec["generated"] = tokenizer.decode(generated[i])
-                    rec["exact_match"] = generated[i] == batch.answer_ids[i]
-                if lps is not None:
-                    lp, valid = lps
-                    rec["mean_logprob"] = float(lp[i].sum() / valid[i].sum())
-                rows.append(rec)
+    targets = batch.first_answer_ids.cpu()
+    rows = []
+    for i, ex in enumerate(batch.examples):
+        rec = {
+            "input": ex.x,
+            "target": ex.y,
+            "target_token": tokenizer.decode([int(targets[i])]),
+            "prediction": tokenizer.decode([int(out.prediction[i])]),
+            "correct": bool(out.prediction[i] == targets[i]),
+            "first_token_logprob": float(out.first_answer_logprob[i]),
+        }
+        if exact_match:
+            rec["generated"] = tokenizer.decode(out.generated[i])
+            rec["exact_match"] = out.generated[i] == batch.answer_ids[i]
+        if logprob:
+            valid = out.answer_mask[i]
+            rec["mean_logprob"] = float(out.answer_logprobs[i].sum() / valid.sum())
+        rows.append(rec)
     records = pd.DataFrame(rows)
-    correct = records["correct"].to_numpy(dtype=float)
-    lo, hi = bootstrap_ci(correct, seed=seed)
+    acc = accuracy(records["correct"].to_numpy(dtype=float), seed=seed)
     return EvalResult(
-        accuracy=float(correct.mean()), ci_low=lo, ci_high=hi, n=len(records), records=records,
+        accuracy=acc.value, ci_low=acc.ci_low, ci_high=acc.ci_high, n=acc.n, records=records,
         model=fingerprint(model).name, task=task.name, shots=shots, split=split,
-        vector=getattr(vector, "method", type(vector).__name__) if vector is not None else None,
+        vector=_vector_name(iv),
         exact_match=float(records["exact_match"].mean()) if exact_match else None,
         mean_logprob=float(records["mean_logprob"].mean()) if logprob else None,
+        template=prompts.template_name,
     )
+
+
+def _vector_name(iv) -> str | None:
+    if iv is None:
+        return None
+    method = getattr(iv, "method", None)
+    return method if isinstance(method, str) else describe(iv)
 
 
 def _filter_icl_correct(model, task, examples, shots, template, batch_size, seed) -> list[Example]:

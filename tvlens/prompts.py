@@ -37,88 +37,11 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tvlens.errors import TvlensError
-from tvlens.tasks.task import Pair
+from tvlens.tasks.task import Pair, Task
+from tvlens.templates import TEMPLATES, Template, get_template, template_name  # noqa: F401
 
 Position = Union[int, str]
 NAMED_POSITIONS = ("last", "separator", "all")
-
-
-@dataclass(frozen=True)
-class Template:
-    """How one demonstration is written; the query is the demonstration cut before ``{y}``.
-
-    Args:
-        demo: must contain ``{x}`` then ``{y}`` once each.
-        prefix: text before the first demonstration (an instruction, say).
-    """
-
-    demo: str = "{x} -> {y}\n"
-    prefix: str = ""
-
-    def __post_init__(self) -> None:
-        ix, iy = self.demo.find("{x}"), self.demo.find("{y}")
-        if ix < 0 or iy < 0 or self.demo.count("{x}") != 1 or self.demo.count("{y}") != 1:
-            raise TvlensError(
-                f"template {self.demo!r} must contain {{x}} and {{y}} exactly once each"
-            )
-        if iy < ix:
-            raise TvlensError(f"template {self.demo!r} must put {{x}} before {{y}}")
-
-    @property
-    def _before_y(self) -> str:
-        return self.demo[: self.demo.find("{y}")]
-
-    @property
-    def answer_prefix(self) -> str:
-        """Trailing whitespace before ``{y}``: it belongs to the answer (``" Paris"``)."""
-        before = self._before_y
-        return before[len(before.rstrip(" ")) :]
-
-    def format_demo(self, x: str, y: str) -> str:
-        return self.demo.replace("{x}", x).replace("{y}", y)
-
-    def format_query(self, x: str) -> str:
-        return self._before_y.rstrip(" ").replace("{x}", x)
-
-    def format_answer(self, y: str) -> str:
-        return self.answer_prefix + y
-
-    def prompt(self, demos: Sequence[Pair], x: str) -> str:
-        return self.prefix + "".join(self.format_demo(a, b) for a, b in demos) + self.format_query(x)
-
-    def text_before_separator(self, demos: Sequence[Pair], x: str) -> str:
-        """The prompt up to the end of the query input ``x`` (for ``"separator"``)."""
-        query = self._before_y.rstrip(" ")
-        return self.prefix + "".join(self.format_demo(a, b) for a, b in demos) + query[
-            : query.find("{x}")
-        ] + x
-
-
-TEMPLATES: dict[str, Template] = {
-    # Hendel et al.'s released code (icl_task_vectors): core/data/datasets/few_shot_format.py
-    # writes "example:{x}->{y}" joined by "\n" and ends with "example:{x}->";
-    # core/data/tasks/mapping_task.py prefixes x and y of mapping tasks with a space.
-    "hendel": Template("example: {x}-> {y}\n"),
-    # Todd et al.'s released code (function_vectors): "Q: {x}\nA: {y}\n\n", query "Q: {x}\nA:".
-    "fv": Template("Q: {x}\nA: {y}\n\n"),
-    "qa": Template("Q: {x}\nA: {y}\n\n"),  # the same format as "fv", under its older name
-    # A bare arrow: no paper's format (it is *not* Hendel's, which has the "example:" prefix).
-    "arrow": Template("{x} -> {y}\n"),
-}
-
-
-def get_template(template: str | Template) -> Template:
-    """A :class:`Template`, a registered name (``TEMPLATES``: ``"hendel"``, ``"fv"``, ``"qa"``,
-    ``"arrow"``) or a demo string."""
-    if isinstance(template, Template):
-        return template
-    if template in TEMPLATES:
-        return TEMPLATES[template]
-    if "{x}" in template:
-        return Template(template)
-    raise TvlensError(
-        f"unknown template {template!r}: use one of {sorted(TEMPLATES)} or a string with {{x}} and {{y}}"
-    )
 
 
 @dataclass(frozen=True)
@@ -400,3 +323,111 @@ def with_answers(batch: PromptBatch, pad_id: int = 0) -> TeacherForcedBatch:
         targets,
         batch,
     )
+
+
+# ----- the prompt set -------------------------------------------------------------------
+def build_examples(task: Task, *, shots: int, split: str = "test", n: int | None = None,
+                   seed: int = 0, shuffle_labels: bool = False) -> list[Example]:
+    """The queries of ``split`` (first ``n``), each with ``shots`` train demonstrations."""
+    queries = task.split(split)
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise TvlensError(f"n must be a positive integer, got {n!r}")
+        queries = queries[:n]
+    if len(queries) == 0:
+        raise TvlensError(f"task {task.name!r} has no {split} items; use a larger task or another split")
+    return make_examples(queries, task.train, shots=shots, seed=seed, shuffle_labels=shuffle_labels)
+
+
+def sample_queries(task: Task, n: int, *, seed: int, shots: int = 0) -> list[Pair]:
+    """``n`` train pairs drawn with replacement (seeded): the dummy queries of the
+    extraction methods (ICL-TV, vanilla, FV's mean activations and indirect effects)."""
+    train = task.train
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise TvlensError(f"n_prompts must be a positive integer (prompts to average), got {n!r}")
+    if len(train) < shots + 1:
+        raise TvlensError(
+            f"task {task.name!r} has {len(train)} train items; {shots} shots need {shots + 1}; "
+            "use fewer shots or a larger task"
+        )
+    rng = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(train), (n,), generator=rng).tolist()
+    return [train[i] for i in picks]
+
+
+@dataclass(frozen=True, eq=False)
+class PromptSet:
+    """Prompts built once — examples, their tokens, and the recipe that made them.
+
+    Every method takes a prompt set or builds one through :meth:`build` (queries of a
+    split) or :meth:`from_examples`; token-level prompts (the synthetic tasks of
+    :mod:`tvlens.emergence`) come through :meth:`from_tokens`. The tokens are one
+    left-padded :class:`PromptBatch`; the runner cuts it into chunks, each re-padded to its
+    own longest prompt, which gives the same tokens as tokenizing the chunk alone.
+
+    Attributes:
+        batch: the tokenized prompts.
+        template: the format (``template_name`` is its registered name or demo string).
+        recipe: what built it (task, split, n, shots, seed, shuffled), for records.
+    """
+
+    batch: PromptBatch
+    template: Template | None
+    recipe: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, model, task: Task, *, split: str = "test", n: int | None = None, shots: int = 0,
+              template: str | Template = "arrow", seed: int = 0, shuffled: bool = False,
+              queries: Sequence[Pair] | None = None) -> PromptSet:
+        """Queries from ``split`` (first ``n``) — or the given ``queries`` — each with
+        ``shots`` train demonstrations sampled with ``seed`` (labels shuffled if asked)."""
+        if queries is None:
+            examples = build_examples(task, shots=shots, split=split, n=n, seed=seed,
+                                      shuffle_labels=shuffled)
+        else:
+            examples = make_examples(queries, task.train, shots=shots, seed=seed,
+                                     shuffle_labels=shuffled)
+            split = "given"
+        return cls.from_examples(model, examples, template, task=task.name, split=split, n=n,
+                                 shots=shots, seed=seed, shuffled=shuffled)
+
+    @classmethod
+    def from_examples(cls, model, examples: Sequence[Example], template: str | Template = "arrow",
+                      **recipe) -> PromptSet:
+        tmpl = get_template(template)
+        return cls(tokenize(model, examples, tmpl), tmpl,
+                   {"template": template_name(template), **recipe})
+
+    @classmethod
+    def from_tokens(cls, input_ids: Int[Tensor, "batch seq"], answers: Sequence[Sequence[int]], *,
+                    attention_mask: Int[Tensor, "batch seq"] | None = None,
+                    renderings: Sequence[str] | None = None,
+                    separator_index: Sequence[int] | None = None, **recipe) -> PromptSet:
+        """Token-level prompts: ids (left-padded, with their mask) and answer ids per row.
+
+        ``renderings`` are readable strings of the prompts (e.g. the synthetic vocabulary's
+        decode); they fill ``examples`` / ``prompts`` for records and error messages.
+        """
+        B = input_ids.shape[0]
+        if len(answers) != B or any(len(a) == 0 for a in answers):
+            raise TvlensError(f"give one non-empty answer per prompt ({B} prompts, {len(answers)} answers)")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        text = list(renderings) if renderings is not None else [" ".join(map(str, r.tolist())) for r in input_ids]
+        examples = [Example(t, " ".join(map(str, a))) for t, a in zip(text, answers)]
+        batch = PromptBatch(input_ids, mask, examples, text, [list(map(int, a)) for a in answers],
+                            list(separator_index) if separator_index is not None else [])
+        return cls(batch, None, {"template": "tokens", **recipe})
+
+    @property
+    def examples(self) -> list[Example]:
+        return self.batch.examples
+
+    @property
+    def template_name(self) -> str:
+        return self.recipe.get("template", "tokens")
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def select(self, rows: Sequence[int]) -> PromptSet:
+        return PromptSet(self.batch.select(rows), self.template, dict(self.recipe))

@@ -31,7 +31,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tvlens.errors import TvlensError
-from tvlens.injection import InjectionSpec, Mode, injection_hooks, hooks_applied
+from tvlens.interventions.base import Intervention, hooks_applied
+from tvlens.interventions.residual import Mode, ResidualEdit
 from tvlens.models.loading import ModelFingerprint, fingerprint
 from tvlens.prompts import Position, PromptBatch
 
@@ -39,7 +40,7 @@ FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True, eq=False)
-class TaskVector:
+class TaskVector(Intervention):
     """Vectors per (layer, position) with their provenance. See the module docstring.
 
     Attributes:
@@ -114,14 +115,29 @@ class TaskVector:
                 f"{theirs.describe()}; load or make a vector for this model"
             )
 
-    def spec(self, *, scale: float | None = None) -> InjectionSpec:
-        return InjectionSpec(self.layers, self.positions, self.vectors, self.mode,
-                             self.scale if scale is None else scale)
+    @property
+    def made_for(self) -> ModelFingerprint:
+        return self.model
+
+    @property
+    def template(self) -> str | None:
+        """The prompt format this vector was made with (None: it does not say)."""
+        return self.hyperparameters.get("template")
+
+    def describe(self) -> str:
+        return f"TaskVector({self.method}, layers {self.layers}, positions {self.positions})"
+
+    def replaced_sites(self) -> set:
+        return self.spec().replaced_sites()
+
+    def spec(self, *, scale: float | None = None) -> ResidualEdit:
+        return ResidualEdit(self.layers, self.positions, self.vectors, self.mode,
+                            self.scale if scale is None else scale)
 
     def hooks(self, model, batch: PromptBatch, *, scale: float | None = None):
         """``fwd_hooks`` injecting this vector into forwards over ``batch``."""
         self.check_model(model)
-        return injection_hooks(model, batch, self.spec(scale=scale))
+        return self.spec(scale=scale).hooks(model, batch)
 
     @contextmanager
     def apply(self, model, batch: PromptBatch, *, scale: float | None = None):
@@ -146,7 +162,7 @@ class TaskVector:
 
     def __add__(self, other):
         if not isinstance(other, TaskVector):
-            return NotImplemented
+            return Intervention.__add__(self, other)  # vector + ablation: a composition
         self._check_compatible(other)
         return self._combined(self.vectors + other.vectors, "sum", other)
 

@@ -1,0 +1,115 @@
+"""The methods' configs and their defaults: the one table of per-method conventions.
+
+=========  =======  =====  ========  ==========================================
+method     mode     K      template  source of the default
+=========  =======  =====  ========  ==========================================
+icl-tv     replace  5      arrow     Hendel et al. 2023 (K = 5, N = 32 here)
+vanilla    add      5      arrow     Yang et al. 2025's baseline
+fv         add      10     qa        Todd et al. 2024 (``"Q: {x}\\nA: {y}\\n\\n"``)
+ltv        add      0      arrow     Yang et al. 2025 (zero-shot training)
+atv        add      0      qa        Kang et al. 2025 (``"Q: {x}\\nA:"`` queries)
+=========  =======  =====  ========  ==========================================
+
+The template column is what tvlens 0.1 used; ``TEMPLATES["hendel"]`` and ``["fv"]`` in
+:mod:`tvlens.prompts` are the papers' formats byte for byte. Only settings that change a
+result are config fields; batch sizes that only bound memory are arguments of the calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from tvlens.methods.base import MethodConfig, register
+
+# the default prompt format of each method (see the module docstring)
+DEFAULT_TEMPLATES: dict[str, str] = {
+    "icl-tv": "arrow",
+    "vanilla": "arrow",
+    "fv": "qa",
+    "ltv": "arrow",
+    "atv": "qa",
+}
+
+
+def _f(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@register
+@dataclass(frozen=True)
+class ICLTVConfig(MethodConfig):
+    """Hendel's ICL task vector: the mean residual at the last token of K-shot prompts."""
+
+    method: ClassVar[str] = "icl-tv"
+    shots: int = _f(5, "demonstrations per prompt")
+    n_prompts: int = _f(32, "prompts averaged (dummy queries from the train split)")
+    template: str = _f(DEFAULT_TEMPLATES["icl-tv"], "prompt format: a TEMPLATES name or a demo string")
+    seed: int = _f(0, "prompt sampling seed")
+
+
+@register
+@dataclass(frozen=True)
+class VanillaConfig(MethodConfig):
+    """The vanilla difference vector: mean K-shot residual minus mean zero-shot residual."""
+
+    method: ClassVar[str] = "vanilla"
+    shots: int = _f(5, "demonstrations per prompt")
+    n_prompts: int = _f(32, "prompts averaged (dummy queries from the train split)")
+    template: str = _f(DEFAULT_TEMPLATES["vanilla"], "prompt format: a TEMPLATES name or a demo string")
+    seed: int = _f(0, "prompt sampling seed")
+
+
+@register
+@dataclass(frozen=True)
+class FVConfig(MethodConfig):
+    """Todd's function vector: Σ of the top-k heads' mean outputs by indirect effect."""
+
+    method: ClassVar[str] = "fv"
+    k: int = _f(10, "heads summed into the vector")
+    shots: int = _f(10, "demonstrations per prompt")
+    n_prompts: int = _f(32, "clean prompts for the mean head outputs (Todd: 100)")
+    n_ie_prompts: int = _f(16, "shuffled-label prompts for the indirect effects (Todd: 25)")
+    template: str = _f(DEFAULT_TEMPLATES["fv"], "prompt format: a TEMPLATES name or a demo string")
+    seed: int = _f(0, "prompt sampling seed")
+
+
+@register
+@dataclass(frozen=True)
+class LTVConfig(MethodConfig):
+    """Learned task vector: θ at layers × positions trained on the answer loss (AdamW)."""
+
+    method: ClassVar[str] = "ltv"
+    shots: int = _f(0, "demonstrations in each training prompt (0: zero-shot)")
+    steps: int = _f(60, "maximum optimiser steps")
+    lr: float = _f(0.05, "AdamW learning rate (in residual-RMS units when relative_lr)")
+    batch_size: int = _f(16, "training prompts per step")
+    init: str = _f("zero", "θ's initialisation", choices=["zero", "random"])
+    seed: int = _f(0, "batch sampling, init and demonstration seed")
+    dev_every: int = _f(10, "steps between dev evaluations")
+    patience: int = _f(3, "dev evaluations without improvement before stopping")
+    n_dev: int | None = _f(48, "dev items scored at each evaluation")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    relative_lr: bool = _f(True, "scale θ by the residual RMS of each layer")
+    template: str = _f(DEFAULT_TEMPLATES["ltv"], "prompt format: a TEMPLATES name or a demo string")
+
+
+@register
+@dataclass(frozen=True)
+class ATVConfig(MethodConfig):
+    """Adaptive task vectors: a small model maps each query to vectors for every layer."""
+
+    method: ClassVar[str] = "atv"
+    position: str = _f("last", "where vectors are added", choices=["last", "all"])
+    scale: float = _f(1.0, "λ, multiplying the generated vectors")
+    rank: int | None = _f(None, "low-rank bottleneck of the expansion (None: full)")
+    pooling: str = _f("last", "how the generator pools its hidden states", choices=["last", "mean"])
+    query_template: str = _f("Q: {x}\nA:", "how the generator reads a query")
+    target_template: str = _f(DEFAULT_TEMPLATES["atv"], "the target's prompt format")
+    init: str = _f("zeros", "expansion initialisation")
+    epochs: int = _f(3, "passes over the pooled training pairs")
+    batch_size: int = _f(16, "training pairs per step")
+    n_per_task: int | None = _f(None, "train pairs per task (None: all)")
+    lr: float = _f(5e-4, "Adam learning rate")
+    weight_decay: float = _f(1e-5, "Adam weight decay")
+    seed: int = _f(0, "initialisation and data-order seed")

@@ -1,0 +1,420 @@
+"""The runner: every forward tvlens makes goes through here.
+
+:func:`run` takes a model, prompts (a :class:`~tvlens.prompts.PromptSet` or
+:class:`~tvlens.prompts.PromptBatch`), the interventions to apply, the activations to
+capture and which logits to keep, and does the batching (``batch_size`` rows per
+forward, each chunk re-padded to its own longest prompt), the progress bar, the hook
+registration (all removed on exit, also on error) and the gathering of outputs:
+
+=================  ==========================================================
+``logits=``        kept per prompt
+=================  ==========================================================
+``"scores"``       ``prediction`` (argmax at the last token) and
+                   ``first_answer_logprob`` (log p of the answer's first token)
+``"last"``         the above and ``last_logits`` ``[N, vocab]``
+``"answer"``       the above and the teacher-forced ``answer_logprobs`` ``[N, A]``
+                   with ``answer_mask`` (answers appended on the right)
+``None``           nothing (capture only)
+=================  ==========================================================
+
+``capture`` names hook points (or is a predicate over the model's hook names); each is
+kept at ``capture_at`` — a position spec, giving ``[N, ...]`` — or, with
+``capture_at=None``, whole (``[N, T, ...]``, chunks left-padded with zeros to the batch's
+width). ``grad=True`` keeps the graph (LTV / ATV training, saliency).
+
+:func:`run_variants` runs one batch under many interventions at once — prompt ``i``'s
+copy ``j`` in row ``i·c + j`` of a forward over ``c`` copies — and returns the
+probability of every prompt's first answer token under each. Head patches are merged
+into one ``index_put`` per layer (:meth:`HeadPatch.stack`); with ``prefix_cache`` and
+interventions that touch only the last token, the shared prefix runs once into a KV
+cache (:mod:`tvlens.kv_cache`). This is FV's indirect effect and the exhaustive
+key-head ground truth.
+
+The lower-level forward primitives (:func:`forward`, :func:`last_token_logits`,
+:func:`answer_logprobs`, :func:`answer_nll`, :func:`greedy_answers`) take one
+left-padded batch and ``fwd_hooks``; :func:`run` calls them per chunk.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tvlens.errors import TvlensError
+from tvlens.interventions.base import Hook, as_intervention, intervention_hooks
+from tvlens.prompts import Position, PromptBatch, TeacherForcedBatch, with_answers
+
+LOGITS = ("scores", "last", "answer", None)
+
+
+# ----- forward primitives over one left-padded batch ----------------------------------
+def run_logits(model, input_ids: Tensor, attention_mask: Tensor, hooks: Sequence[Hook] = (), *,
+               logits_to_keep: int | None = None) -> Tensor:
+    """``model`` logits for raw ids and mask, with hooks and an optional last-``k`` cut.
+
+    ``logits_to_keep=k`` returns only the last ``k`` columns' logits; Hugging Face models
+    then skip the unembedding elsewhere (on SmolLM2 ``W_U`` costs about as much as eight
+    blocks), others compute everything and are sliced.
+    """
+    ids = input_ids.to(model.cfg.device)
+    mask = attention_mask.to(model.cfg.device)
+    kwargs = {} if logits_to_keep is None else {"logits_to_keep": int(logits_to_keep)}
+    if hooks:
+        logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=list(hooks), **kwargs)
+    else:
+        logits = model(ids, attention_mask=mask, **kwargs)
+    if logits_to_keep is not None and logits.shape[1] != logits_to_keep:
+        logits = logits[:, -int(logits_to_keep):]  # the model ignored the argument
+    return logits
+
+
+def forward(model, batch: PromptBatch, hooks: Sequence[Hook] = (), *,
+            logits_to_keep: int | None = None) -> Float[Tensor, "batch seq vocab"]:
+    """Logits of ``model`` over a left-padded ``batch`` (mask passed, so positions are right)."""
+    return run_logits(model, batch.input_ids, batch.attention_mask, hooks, logits_to_keep=logits_to_keep)
+
+
+def last_token_logits(model, batch: PromptBatch, hooks: Sequence[Hook] = ()) -> Float[Tensor, "batch vocab"]:
+    """Next-token logits at each prompt's last real token."""
+    cols = batch.position_index("last")
+    if bool((cols == batch.seq_len - 1).all()):  # left padding: every prompt ends the row
+        return forward(model, batch, hooks, logits_to_keep=1)[:, -1]
+    logits = forward(model, batch, hooks)
+    return logits[torch.arange(len(batch), device=logits.device), cols.to(logits.device)]
+
+
+def pad_id(model) -> int:
+    tok = getattr(model, "tokenizer", None)
+    return int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
+
+
+def answer_logprobs(model, batch: PromptBatch | TeacherForcedBatch, hooks: Sequence[Hook] = ()
+                    ) -> tuple[Float[Tensor, "batch answer"], Tensor]:
+    """Teacher-forced log p of every answer token: ``(logprobs [B, A], mask [B, A])``.
+
+    Hooks bound to the prompt batch stay valid: the answer is appended on the right, so
+    prompt columns do not move. ``mask`` is True where a row has an answer token.
+    """
+    tf = batch if isinstance(batch, TeacherForcedBatch) else with_answers(batch, pad_id(model))
+    A = tf.targets.shape[1]
+    # columns P-1 .. P+A-2 predict the answer tokens: the last A+1 columns hold them
+    logits = run_logits(model, tf.input_ids, tf.attention_mask, hooks, logits_to_keep=A + 1)
+    pred = logits[:, :A].float().log_softmax(-1)
+    targets = tf.targets.to(model.cfg.device)
+    valid = targets != -100
+    lp = pred.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return lp * valid, valid
+
+
+def answer_nll(model, batch, hooks: Sequence[Hook] = ()) -> Float[Tensor, " batch"]:
+    """−(mean over answer tokens of log p), per example: the LTV / ATV training loss."""
+    lp, valid = answer_logprobs(model, batch, hooks)
+    return -(lp.sum(-1) / valid.sum(-1))
+
+
+@torch.no_grad()
+def greedy_answers(model, batch: PromptBatch, hooks: Sequence[Hook] = (),
+                   max_new_tokens: int | None = None) -> list[list[int]]:
+    """Greedy continuations, ``len(answer)`` tokens per row (or ``max_new_tokens``).
+
+    Re-runs the whole sequence each step (no KV cache), so hooks bound to the prompt act
+    on the same columns every step; answers are a few tokens, so this costs little.
+    """
+    n_new = max_new_tokens or max(len(a) for a in batch.answer_ids)
+    device = model.cfg.device
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    out = []
+    for _ in range(n_new):
+        logits = run_logits(model, ids, mask, hooks, logits_to_keep=1)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(nxt)
+        ids = torch.cat([ids, nxt], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    gen = torch.cat(out, dim=1).tolist()
+    return [g[: (max_new_tokens or len(a))] for g, a in zip(gen, batch.answer_ids)]
+
+
+def answer_probs(last_logits: Tensor, batch: PromptBatch) -> Float[Tensor, " batch"]:
+    """p(first answer token) from last-token logits ``[batch, vocab]``."""
+    target = batch.first_answer_ids.to(last_logits.device)
+    return last_logits.float().softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+# ----- the runner ---------------------------------------------------------------------
+@dataclass
+class RunOutput:
+    """What :func:`run` kept, per prompt in the order given (see the module docstring)."""
+
+    n: int
+    prediction: Tensor | None = None
+    first_answer_logprob: Tensor | None = None
+    last_logits: Tensor | None = None
+    answer_logprobs: Tensor | None = None
+    answer_mask: Tensor | None = None
+    captured: dict[str, Tensor] = field(default_factory=dict)
+    generated: list[list[int]] | None = None
+
+    @property
+    def first_answer_prob(self) -> Tensor:
+        return self.first_answer_logprob.exp()
+
+
+def chunks(batch: PromptBatch, batch_size: int | None) -> list[PromptBatch]:
+    """``batch`` in consecutive sub-batches of ``batch_size`` rows, each left-padded only to
+    its own longest prompt (identical tokens and positions to tokenizing it alone)."""
+    if batch_size is None or batch_size >= len(batch):
+        return [batch]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise TvlensError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return [trim(batch.select(range(s, min(s + batch_size, len(batch)))))
+            for s in range(0, len(batch), batch_size)]
+
+
+def trim(batch: PromptBatch) -> PromptBatch:
+    """Drop leading columns that are padding in every row."""
+    lead = int((batch.attention_mask.sum(0) == 0).sum())
+    if lead == 0:
+        return batch
+    from dataclasses import replace
+    return replace(batch, input_ids=batch.input_ids[:, lead:], attention_mask=batch.attention_mask[:, lead:])
+
+
+def _hook_names(model, capture) -> list[str]:
+    if callable(capture):
+        return [n for n in model.hook_dict if capture(n)]
+    names = list(capture)
+    unknown = [n for n in names if n not in model.hook_dict]
+    if unknown:
+        raise TvlensError(f"no hook point {unknown[0]!r} in this model; names look like "
+                          "'blocks.3.hook_resid_post' or 'blocks.3.attn.hook_z'")
+    return names
+
+
+def _at(acts: Tensor, batch: PromptBatch, position: Position) -> Tensor:
+    cols = batch.position_index(position).to(acts.device)
+    return acts[torch.arange(acts.shape[0], device=acts.device), cols]
+
+
+def run(model, prompts, interventions=None, *, capture=(), capture_at: Position | None = "last",
+        logits: str | None = "scores", batch_size: int | None = 16, progress: bool | None = None,
+        desc: str = "run", grad: bool = False, generate: bool = False) -> RunOutput:
+    """Run ``model`` over ``prompts`` under ``interventions``; see the module docstring.
+
+    Args:
+        prompts: a :class:`~tvlens.prompts.PromptSet` or a :class:`PromptBatch`.
+        interventions: an intervention, a list of them (composed), or None.
+        capture: hook names (or a predicate over hook names) to keep.
+        capture_at: the position kept of each captured activation (None: all columns).
+        logits: ``"scores"``, ``"last"``, ``"answer"`` or None.
+        batch_size: rows per forward (None: all at once).
+        progress: a progress bar (default: when there are more than 4 chunks).
+        grad: keep the autograd graph (outputs stay on the model's device).
+        generate: also greedy-decode each answer's length (``generated`` token ids).
+    """
+    if logits not in LOGITS:
+        raise TvlensError(f"logits must be one of {LOGITS}, got {logits!r}")
+    batch = getattr(prompts, "batch", prompts)
+    if not isinstance(batch, PromptBatch):
+        raise TvlensError(f"run() takes a PromptSet or PromptBatch, got {type(prompts).__name__}")
+    iv = as_intervention(interventions)
+    names = _hook_names(model, capture) if capture else []
+    parts = chunks(batch, batch_size)
+    show = progress if progress is not None else len(parts) > 4
+    keep: dict[str, list] = {k: [] for k in ("prediction", "lp", "last", "alp", "amask")}
+    stores: dict[str, list[Tensor]] = {n: [] for n in names}
+    generated: list[list[int]] = []
+    out_dev = None if grad else "cpu"
+
+    def move(t: Tensor) -> Tensor:
+        return t if out_dev is None else t.detach().to(out_dev)
+
+    ctx = nullcontext() if grad else torch.no_grad()
+    with ctx:
+        for part in tqdm(parts, disable=not show, desc=desc, leave=False):
+            hooks = intervention_hooks(model, iv, part)
+            store: dict[str, Tensor] = {}
+
+            def saver(name):
+                def fn(act, hook=None):
+                    store[name] = act if capture_at is None else _at(act, part, capture_at)
+                    return act
+                return fn
+
+            all_hooks = hooks + [(n, saver(n)) for n in names]
+            if logits == "answer":  # one teacher-forced forward gives both
+                tf = with_answers(part, pad_id(model))
+                A = tf.targets.shape[1]
+                lg = run_logits(model, tf.input_ids, tf.attention_mask, all_hooks, logits_to_keep=A + 1)
+                targets = tf.targets.to(lg.device)
+                valid = targets != -100
+                lp = lg[:, :A].float().log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
+                keep["alp"].append(move(lp.squeeze(-1) * valid))
+                keep["amask"].append(move(valid))
+                last = lg[:, 0]  # column prompt_len - 1: every row's last prompt token
+            elif logits is None:
+                if all_hooks:
+                    run_logits(model, part.input_ids, part.attention_mask, all_hooks, logits_to_keep=1)
+                last = None
+            else:
+                last = last_token_logits(model, part, all_hooks)
+            if last is not None:
+                target = part.first_answer_ids.to(last.device)
+                lsm = last.float().log_softmax(-1)
+                keep["prediction"].append(move(last.argmax(-1)))
+                keep["lp"].append(move(lsm.gather(-1, target.unsqueeze(-1)).squeeze(-1)))
+                if logits == "last":
+                    keep["last"].append(move(last.float()))
+            for n in names:
+                stores[n].append(move(store[n]))
+            if generate:
+                generated.extend(greedy_answers(model, part, hooks))
+    out = RunOutput(n=len(batch))
+    if keep["prediction"]:
+        out.prediction = torch.cat(keep["prediction"])
+        out.first_answer_logprob = torch.cat(keep["lp"])
+    if keep["last"]:
+        out.last_logits = torch.cat(keep["last"])
+    if keep["alp"]:
+        A = max(t.shape[1] for t in keep["alp"])
+        out.answer_logprobs = torch.cat([_pad_right(t, A, 0.0) for t in keep["alp"]])
+        out.answer_mask = torch.cat([_pad_right(t, A, False) for t in keep["amask"]])
+    for n, acts in stores.items():
+        if capture_at is None and len(acts) > 1:
+            T = batch.seq_len
+            acts = [_pad_left(a, T) for a in acts]
+        out.captured[n] = torch.cat(acts)
+    out.generated = generated if generate else None
+    return out
+
+
+def _pad_right(t: Tensor, width: int, value) -> Tensor:
+    if t.shape[1] == width:
+        return t
+    pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=1)
+
+
+def _pad_left(t: Tensor, width: int) -> Tensor:
+    if t.shape[1] == width:
+        return t
+    pad = torch.zeros((t.shape[0], width - t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], dim=1)
+
+
+# ----- many interventions over one batch ----------------------------------------------
+@dataclass
+class VariantOutput:
+    """``base[i]``: p(first answer of prompt i) under ``common`` alone; ``probs[j, i]`` under
+    ``common`` + variant ``j``; ``prefix_cache``: whether the KV-cached path ran."""
+
+    base: Tensor
+    probs: Tensor
+    prefix_cache: bool = False
+
+
+def _stacked(model, variants: Sequence, big: PromptBatch, n_prompts: int) -> list[Hook]:
+    from tvlens.interventions.heads import HeadPatch
+
+    if all(isinstance(v, HeadPatch) for v in variants):
+        return HeadPatch.stack(list(variants), n_prompts).hooks(model, big)
+    # any other intervention: bind it to the prompts and act on its copy's rows only
+    c = len(variants)
+    small = big.select(range(0, len(big), c))
+    hooks: list[Hook] = []
+    for j, v in enumerate(variants):
+        for name, fn in intervention_hooks(model, v, small):
+            def sliced(act, hook=None, fn=fn, j=j):
+                part = fn(act[j::c], hook=hook)
+                act = act.clone()
+                act[j::c] = part
+                return act
+            hooks.append((name, sliced))
+    return hooks
+
+
+def run_variants(model, batch: PromptBatch, variants: Sequence, *, common=None,
+                 batch_size: int = 64, prefix_cache: bool | str = False,
+                 progress: bool | None = None, desc: str = "variants") -> VariantOutput:
+    """First-answer probabilities of ``batch`` under each of ``variants`` (module docstring).
+
+    Args:
+        common: an intervention applied in every forward (e.g. a task vector).
+        batch_size: rows per forward (prompts × variants of one chunk).
+        prefix_cache: ``True``: run the shared prefix once into a KV cache (raises
+            :class:`TvlensError` if the model has none or it fails its checks);
+            ``"auto"``: when possible, falling back with a ``RuntimeWarning``; ``False``.
+            Needs variants that touch only the last token and no ``common``.
+    """
+    if not (prefix_cache is True or prefix_cache is False or prefix_cache == "auto"):
+        raise TvlensError(f"prefix_cache must be True, False or 'auto', got {prefix_cache!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise TvlensError(f"batch_size must be a positive integer, got {batch_size!r}")
+    from tvlens import kv_cache
+
+    B = len(batch)
+    per = max(1, batch_size // B)  # variants per forward
+    device = model.cfg.device
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    cache = base_logits = None
+    if prefix_cache is not False and ids.shape[1] > 1:
+        why = ""
+        if common is not None:
+            why = "a common intervention may touch the prefix"
+        elif not all(getattr(v, "last_token_only", False) for v in variants):
+            why = "some variants touch positions before the last token"
+        else:
+            cache, base_logits, why = kv_cache.checked_prefix_cache(model, ids, mask)
+        if cache is None:
+            if prefix_cache is True:
+                raise TvlensError(f"prefix_cache=True, but {why}; use prefix_cache=False (or 'auto')")
+            if kv_cache.has_hf_model(model):  # a cache was expected: say why it is not used
+                warnings.warn(f"prefix KV cache not used ({why}); running full forwards instead "
+                              "(same result, slower)", RuntimeWarning, stacklevel=3)
+    common_iv = as_intervention(common)
+
+    def last_logits(c: int, variant_part: Sequence) -> Tensor:  # [B * c, vocab]
+        if cache is not None:
+            view = _last_token_view(batch, c)
+            hooks = _stacked(model, variant_part, view, B) if variant_part else []
+            return cache.last_logits(c, hooks)
+        big = batch.select([i for i in range(B) for _ in range(c)])
+        hooks = intervention_hooks(model, common_iv, big)
+        if variant_part:
+            hooks = hooks + _stacked(model, variant_part, big, B)
+        return last_token_logits(model, big, hooks)
+
+    targets = batch.first_answer_ids.to(device)
+    with torch.no_grad():
+        if base_logits is None:
+            base_logits = last_logits(1, [])
+        base = _probs(base_logits, targets)
+        out = []
+        steps = range(0, len(variants), per)
+        show = progress if progress is not None else len(steps) > 4
+        for start in tqdm(steps, disable=not show, desc=desc, leave=False):
+            part = variants[start : start + per]
+            p = _probs(last_logits(len(part), part), targets.repeat_interleave(len(part)))
+            out.append(p.view(B, len(part)).T.cpu())
+    probs = torch.cat(out) if out else torch.empty(0, B)
+    return VariantOutput(base.cpu(), probs, cache is not None)
+
+
+def _probs(last: Tensor, targets: Tensor) -> Tensor:
+    return last.float().softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _last_token_view(batch: PromptBatch, copies: int) -> PromptBatch:
+    """The batch as the cached forward sees it: one column, every row's last token, each
+    prompt repeated ``copies`` times (positions ``"last"`` / ``-1`` resolve to column 0)."""
+    rows = [i for i in range(len(batch)) for _ in range(copies)]
+    sub = batch.select(rows)
+    return PromptBatch(sub.input_ids[:, -1:], torch.ones_like(sub.attention_mask[:, -1:]),
+                       sub.examples, sub.prompts, sub.answer_ids, [0] * len(rows))

@@ -1,0 +1,95 @@
+"""The one place tvlens computes an interval: accuracy (or any mean score) with a 95% CI.
+
+Two interval methods, chosen by what is known about the scores:
+
+- ``"bootstrap"`` (the default for every accuracy tvlens reports): the percentile
+  bootstrap of the mean over the examples, seeded. It needs the per-example scores and
+  works for fractional scores too (a prompt's fraction of correct random-control draws).
+- ``"exact"``: the Clopper–Pearson interval of a binomial proportion (``scipy.stats``),
+  for 0/1 scores, or when only the count of successes and trials survives (the
+  emergence runs log accuracy and n, not records).
+
+``accuracy(scores)`` returns an :class:`Accuracy` (value, interval, n); every analysis
+that reports a rate calls it, so ablated, re-injected and random-control accuracies carry
+intervals computed the same way as ``evaluate``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tvlens.errors import TvlensError
+
+CONFIDENCE = 0.95
+N_RESAMPLES = 2000
+
+
+def bootstrap_ci(scores: Sequence[float] | np.ndarray, *, n_resamples: int = N_RESAMPLES,
+                 confidence: float = CONFIDENCE, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``scores`` (NaN for no scores); seeded."""
+    x = np.asarray(scores, dtype=float)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def exact_ci(successes: int, n: int, *, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Clopper–Pearson interval of ``successes / n`` (NaN for ``n = 0``)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    if not 0 <= successes <= n:
+        raise TvlensError(f"{successes} successes out of {n} trials is not a proportion")
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """A mean score with its interval: ``value`` in ``[ci_low, ci_high]`` over ``n`` examples."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int
+    method: str = "bootstrap"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"accuracy": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n}
+
+    def as_tuple(self) -> tuple[float, float, float]:
+        return self.value, self.ci_low, self.ci_high
+
+    def __str__(self) -> str:
+        return f"{self.value:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}] (n={self.n})"
+
+
+def accuracy(scores: Sequence[float] | np.ndarray, *, method: str = "bootstrap", seed: int = 0,
+             confidence: float = CONFIDENCE) -> Accuracy:
+    """The mean of per-example ``scores`` with its interval (see the module docstring)."""
+    x = np.asarray(scores, dtype=float)
+    value = float(x.mean()) if x.size else float("nan")
+    if method == "bootstrap":
+        lo, hi = bootstrap_ci(x, seed=seed, confidence=confidence)
+    elif method == "exact":
+        if not np.isin(x, (0.0, 1.0)).all():
+            raise TvlensError("the exact binomial interval needs 0/1 scores; use method='bootstrap'")
+        lo, hi = exact_ci(int(x.sum()), int(x.size), confidence=confidence)
+    else:
+        raise TvlensError(f"unknown interval method {method!r}; use 'bootstrap' or 'exact'")
+    return Accuracy(value, lo, hi, int(x.size), method)
+
+
+def proportion(p: float, n: int, *, confidence: float = CONFIDENCE) -> Accuracy:
+    """A rate known only as ``p`` over ``n`` trials, with its exact (Clopper–Pearson) interval."""
+    k = int(round(p * n))
+    lo, hi = exact_ci(k, n, confidence=confidence)
+    return Accuracy(float(p), lo, hi, int(n), "exact")

@@ -19,8 +19,8 @@ registration (all removed on exit, also on error) and the gathering of outputs:
 
 ``capture`` names hook points (or is a predicate over the model's hook names); each is
 kept at ``capture_at`` — a position spec, giving ``[N, ...]`` — or, with
-``capture_at=None``, whole (``[N, T, ...]``, chunks left-padded with zeros to the batch's
-width). ``grad=True`` keeps the graph (LTV / ATV training, saliency).
+``capture_at=None``, whole (``[N, T, ...]``, chunks padded with zeros so that every
+prompt ends in the batch's last prompt column). ``grad=True`` keeps the graph (LTV / ATV training, saliency).
 
 :func:`run_variants` runs one batch under many interventions at once — prompt ``i``'s
 copy ``j`` in row ``i·c + j`` of a forward over ``c`` copies — and returns the
@@ -273,7 +273,7 @@ def run(model, prompts, interventions=None, *, capture=(), capture_at: Position 
                 if logits == "last":
                     keep["last"].append(move(last.float()))
             for n in names:
-                stores[n].append(move(store[n]))
+                stores[n].append((part.seq_len, move(store[n])))
             if generate:
                 generated.extend(greedy_answers(model, part, hooks))
     out = RunOutput(n=len(batch))
@@ -287,10 +287,10 @@ def run(model, prompts, interventions=None, *, capture=(), capture_at: Position 
         out.answer_logprobs = torch.cat([_pad_right(t, A, 0.0) for t in keep["alp"]])
         out.answer_mask = torch.cat([_pad_right(t, A, False) for t in keep["amask"]])
     for n, acts in stores.items():
-        if capture_at is None and len(acts) > 1:
-            T = batch.seq_len
-            acts = [_pad_left(a, T) for a in acts]
-        out.captured[n] = torch.cat(acts)
+        if capture_at is None and len(acts) > 1:  # realign: prompts end in one column
+            extra = max(a.shape[1] - w for w, a in acts)
+            acts = [(w, _pad(a, batch.seq_len - w, extra - (a.shape[1] - w))) for w, a in acts]
+        out.captured[n] = torch.cat([a for _, a in acts])
     out.generated = generated if generate else None
     return out
 
@@ -302,11 +302,13 @@ def _pad_right(t: Tensor, width: int, value) -> Tensor:
     return torch.cat([t, pad], dim=1)
 
 
-def _pad_left(t: Tensor, width: int) -> Tensor:
-    if t.shape[1] == width:
+def _pad(t: Tensor, left: int, right: int) -> Tensor:
+    """Zero columns before (left padding) and after (appended answers) ``t [B, T, ...]``."""
+    if left == 0 and right == 0:
         return t
-    pad = torch.zeros((t.shape[0], width - t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device)
-    return torch.cat([pad, t], dim=1)
+    shape = (t.shape[0], *t.shape[2:])
+    zeros = lambda k: torch.zeros((shape[0], k, *shape[1:]), dtype=t.dtype, device=t.device)  # noqa: E731
+    return torch.cat([zeros(left), t, zeros(right)], dim=1)
 
 
 # ----- many interventions over one batch ----------------------------------------------

@@ -76,3 +76,43 @@ def test_an_untested_version_warns_once_naming_the_range(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compat.warn_if_untested()  # a dev build of a tested release is in range
+
+
+def test_original_component_swap_keeps_the_hooks_and_round_trips():
+    """compat's TransformerLens-internals helpers: swap a block's layer, hooks still fire."""
+    import torch
+    from torch import nn
+
+    from tvlens import TvlensError, tiny_model
+
+    class Skip(nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return (hidden_states,)
+
+    model = tiny_model(d_vocab=20, n_layers=2, d_model=16, n_heads=2, seed=0)
+    block = model.blocks[0]
+    assert compat.has_original_component(block) and not compat.has_original_component(nn.Linear(2, 2))
+    layer = compat.original_component(block)
+    ids = torch.randint(0, 20, (1, 5))
+    with torch.no_grad():
+        before = model(ids)
+    seen = {}
+
+    def grab(name):
+        def hook(act, hook=None):
+            seen[name] = act.detach().clone()
+        return hook
+
+    hooks = [(f"blocks.0.hook_resid_{k}", grab(k)) for k in ("pre", "post")]
+    assert compat.swap_original_component(block, Skip()) is layer
+    try:
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            model(ids)
+    finally:
+        assert isinstance(compat.swap_original_component(block, layer), Skip)
+    assert torch.equal(seen["pre"], seen["post"])  # the skipped block's hooks still fire
+    assert compat.original_component(block) is layer
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)  # swapped back: the same model
+    with pytest.raises(TvlensError, match=r"_original_component.*transformer-lens>=4\.3,<4\.4"):
+        compat.swap_original_component(nn.Linear(2, 2), Skip())

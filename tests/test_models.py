@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tvlens import TvlensError, evaluate, fingerprint, load_model, load_task, tiny_model
-from tvlens.models import gguf_cache, registry
+from tvlens.models import gguf_cache, prepare_bridge, registry
 
 
 def test_tiny_model_is_seeded_and_fingerprinted():
@@ -30,6 +30,15 @@ def test_tiny_model_is_seeded_and_fingerprinted():
         assert (c(ids) - la).abs().max() > 1e-3  # another seed, another model
     assert fingerprint(a).to_dict() == {"name": "native", "n_layers": 2, "d_model": 16,
                                         "n_heads": 2, "d_vocab": 40}
+
+
+def test_prepare_bridge_sets_eval_mode_and_left_padding():
+    model = tiny_model(texts=["a b c", "d e"], n_layers=1, d_model=16, n_heads=2)
+    assert not model.training and model.tokenizer.padding_side == "left"  # every loader ends with it
+    model.train()
+    model.tokenizer.padding_side = "right"
+    assert prepare_bridge(model) is model
+    assert not model.training and model.tokenizer.padding_side == "left"
 
 
 def test_unknown_model_name_is_refused():

@@ -8,6 +8,11 @@ installed warns once, naming the tested range. It does not refuse: users upgrade
 test suite (``make test-latest``) is how an upgrade is checked.
 
 ``TESTED`` equals the bounds in ``pyproject.toml`` (a test holds them together).
+
+The one TransformerLens internal tvlens relies on lives here too, behind public helpers
+(:func:`original_component`, :func:`has_original_component`,
+:func:`swap_original_component`), so a change in TransformerLens breaks one place with a
+clear :class:`~tvlens.errors.TvlensError` instead of an ``AttributeError`` deep in a method.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import warnings
 from importlib import metadata
 
 from packaging.version import Version  # a dependency of transformers
+from torch import nn
+
+from tvlens.errors import TvlensError
 
 TESTED: dict[str, tuple[str, str]] = {
     # distribution: (lowest tested, first untested), i.e. lowest <= version < first untested
@@ -50,3 +58,61 @@ def warn_if_untested() -> None:
             "tvlens was tested with other versions of " + "; ".join(lines) + ". Numbers may "
             "differ; install the tested versions (pip install -r requirements.lock) or run "
             "`make test-latest` to check this environment.", RuntimeWarning, stacklevel=3)
+
+
+# --- TransformerLens bridge internals (tested with transformer-lens 4.3.0) -------------------
+#
+# A TransformerLens ``TransformerBridge`` block (``model.blocks[i]``, a ``BlockBridge``)
+# wraps the Hugging Face decoder layer it bridges. TransformerLens 4.3 keeps that layer as
+# the child module ``block._modules["_original_component"]``: the public
+# ``block.original_component`` property reads it, and ``BlockBridge.forward`` calls it on
+# every forward (after the block's input hooks, before its output hooks). Replacing the
+# child therefore changes what the block computes while every hook point stays in place.
+#
+# The public setter, ``set_original_component``, is not usable for a temporary swap:
+# ``BlockBridge.set_original_component`` also deletes the hook points (``hook_attn_out``,
+# ``hook_mlp_out``) whose submodules the new module lacks, which would not come back when
+# the original layer is put back. So the swap writes the child slot directly.
+
+_ORIGINAL = "_original_component"
+
+
+def _tl_hint() -> str:
+    low, high = TESTED["transformer-lens"]
+    try:
+        have = metadata.version("transformer-lens")
+    except metadata.PackageNotFoundError:
+        have = "not installed"
+    return (f"tvlens expects TransformerLens bridge blocks to hold the wrapped layer as the "
+            f"child module '{_ORIGINAL}' (tested with transformer-lens >={low},<{high}; "
+            f"installed: {have}); install a tested version: pip install "
+            f"'transformer-lens>={low},<{high}'")
+
+
+def has_original_component(block: nn.Module) -> bool:
+    """Whether ``block`` (e.g. ``model.blocks[i]`` of a bridge) wraps a module tvlens can swap."""
+    return isinstance(getattr(block, "_modules", None), dict) and \
+        isinstance(block._modules.get(_ORIGINAL), nn.Module)
+
+
+def original_component(block: nn.Module) -> nn.Module:
+    """The Hugging Face module a bridge block wraps (its decoder layer).
+
+    Raises :class:`TvlensError` when ``block`` wraps none (not a bridge block, or a
+    TransformerLens release that stores the layer elsewhere).
+    """
+    if not has_original_component(block):
+        raise TvlensError(f"{type(block).__name__} wraps no original component: {_tl_hint()}")
+    return block._modules[_ORIGINAL]
+
+
+def swap_original_component(block: nn.Module, module: nn.Module) -> nn.Module:
+    """Make ``block`` run ``module`` in place of the layer it wraps; return the replaced one.
+
+    The block's hook points are untouched (see the comment above); swap back by calling
+    this again with the returned module, in a ``finally``. Raises :class:`TvlensError` as
+    :func:`original_component` does.
+    """
+    previous = original_component(block)
+    block._modules[_ORIGINAL] = module
+    return previous

@@ -12,7 +12,6 @@ Zero-shot vs ICL vs Hendel's ICL task vector on one built-in task:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import pandas as pd
 
 from tvlens.evaluation import EvalResult, evaluate
 from tvlens.extract.sweep import layer_sweep
+from tvlens.io import atomic_write, write_json
 from tvlens.learn import learn_task_vector
 from tvlens.plots import export
 from tvlens.tasks import load_task
@@ -77,8 +77,9 @@ def run_demo(model, *, task_name: str = "capitalize", shots: int = 5, n_test: in
     fig = sweep.figure(title=f"{res.model}: ICL task vector by layer ({task.name}, dev split)")
     for suffix in (".html", ".png"):
         res.figures.append(export(fig, out / f"demo_{task.name}_by_layer{suffix}"))
-    res.sweep.to_csv(out / f"demo_{task.name}_by_layer.csv", index=False)
+    atomic_write(out / f"demo_{task.name}_by_layer.csv",
+                 lambda tmp: res.sweep.to_csv(tmp, index=False), suffix=".csv")
     res.seconds = time.perf_counter() - start
-    (out / "demo_results.json").write_text(json.dumps(
-        {"model": res.model, "task": res.task, "rows": res.rows, "seconds": res.seconds}, indent=1))
+    write_json(out / "demo_results.json",
+               {"model": res.model, "task": res.task, "rows": res.rows, "seconds": res.seconds})
     return res

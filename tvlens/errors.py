@@ -12,11 +12,3 @@ from __future__ import annotations
 class TvlensError(ValueError):
     """Bad input to tvlens: the message says what is wrong and how to fix it."""
 
-
-def require(condition: bool, message: str) -> None:
-    """Raise :class:`TvlensError` with ``message`` unless ``condition`` holds.
-
-    Used instead of ``assert`` so the check survives ``python -O``.
-    """
-    if not condition:
-        raise TvlensError(message)

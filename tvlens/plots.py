@@ -3,13 +3,16 @@
 ``export(fig, path)`` writes ``.html`` (self-contained, plotly.js inlined, nothing
 fetched when opened), or ``.png`` / ``.svg`` / ``.pdf`` through kaleido ≥ 1, which drives
 a system Chromium (Debian's ``chromium`` package; ``make`` installs it). MathJax is
-turned off so static export never reaches the network.
+turned off per call so static export never reaches the network.
+
+The theme is a plotly template registered under the name ``"tvlens_paper"``; importing
+this module changes none of plotly's global defaults (``pio.templates.default``,
+``pio.defaults.*``). tvlens's own figures call :func:`apply_theme`; apply it to yours,
+or set ``pio.templates.default = "tvlens_paper"`` yourself.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,11 +20,12 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from tvlens.errors import TvlensError
+from tvlens.io import atomic_write
 
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
-_TEMPLATE_NAME = "tvlens_paper"
+TEMPLATE_NAME = "tvlens_paper"
 
-pio.templates[_TEMPLATE_NAME] = go.layout.Template(
+THEME = go.layout.Template(
     layout=dict(
         font=dict(family="Helvetica, Arial, sans-serif", size=13, color="#222"),
         paper_bgcolor="white",
@@ -35,55 +39,77 @@ pio.templates[_TEMPLATE_NAME] = go.layout.Template(
         height=420,
     )
 )
+# Registering a named template adds an entry to plotly's registry; it is not made the
+# default (``pio.templates.default`` is left as the user has it).
+pio.templates[TEMPLATE_NAME] = THEME
 
 STATIC_FORMATS = (".png", ".svg", ".pdf")
 
 
 def apply_theme(fig: go.Figure) -> go.Figure:
     """Apply the tvlens paper theme (colour-blind-safe palette, white background)."""
-    fig.update_layout(template=_TEMPLATE_NAME)
+    fig.update_layout(template=THEME)
     return fig
 
 
 def export(fig: go.Figure, path: str | Path, *, scale: float = 2.0) -> Path:
     """Write ``fig`` to ``path``; the suffix picks the format (.html, .png, .svg, .pdf).
 
-    The file appears atomically (written beside it, then renamed). Raises
-    :class:`TvlensError` for a missing folder, an unknown suffix, or a static export
-    without a usable Chromium (install Debian's ``chromium``).
+    The file appears atomically (written beside it, then renamed) with the mode an
+    ordinary write gives it (``0o666`` minus the umask, or the mode of the file it
+    replaces). Raises :class:`TvlensError` for a missing folder, an unknown suffix, or a
+    static export without a usable Chromium (install Debian's ``chromium``).
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if not path.parent.exists():
+    if not path.parent.is_dir():
         raise TvlensError(f"folder {str(path.parent)!r} does not exist; create it first")
     if suffix not in (".html", *STATIC_FORMATS):
         raise TvlensError(f"cannot export to {suffix or 'a file without suffix'}; use .html, .png, .svg or .pdf")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        if suffix == ".html":
+    if suffix == ".html":
+        def write(tmp: str) -> None:
             fig.write_html(tmp, include_plotlyjs=True, include_mathjax=False, full_html=True)
-        else:
-            _write_static(fig, tmp, suffix, scale)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    else:
+        def write(tmp: str) -> None:
+            Path(tmp).write_bytes(_static_bytes(fig, suffix[1:], scale))
+    # the temporary file keeps the suffix: writers that look at it pick the right format
+    return atomic_write(path, write, suffix=suffix)
 
 
-def _write_static(fig: go.Figure, tmp: str, suffix: str, scale: float) -> None:
+def _static_bytes(fig: go.Figure, fmt: str, scale: float) -> bytes:
+    """``fig`` as ``fmt`` bytes through kaleido, with MathJax off for this call only.
+
+    ``fig.write_image`` cannot turn MathJax off: plotly forwards ``pio.defaults.mathjax``
+    to kaleido only when it is truthy, and kaleido's default loads MathJax from a CDN. So
+    this calls kaleido's public ``calc_fig_sync`` with ``mathjax=False`` in its options,
+    sizing the figure as ``plotly.io.to_image`` does and passing on (never changing) the
+    user's other ``pio.defaults``.
+    """
     try:
-        import kaleido  # noqa: F401
+        import kaleido
     except ImportError:
         raise TvlensError("static export needs kaleido>=1: pip install 'kaleido>=1'") from None
-    pio.defaults.mathjax = None
+    fig_dict = fig.to_dict()
+    layout = fig_dict.get("layout", {})
+    template_layout = layout.get("template", {}).get("layout", {})
+    defaults = pio.defaults
+    opts = dict(
+        format=fmt,
+        width=layout.get("width") or template_layout.get("width") or defaults.default_width,
+        height=layout.get("height") or template_layout.get("height") or defaults.default_height,
+        scale=scale,
+    )
+    kopts = {"mathjax": False}
+    if defaults.plotlyjs:
+        kopts["plotlyjs"] = defaults.plotlyjs
+    if defaults.headers:
+        kopts["headers"] = dict(defaults.headers)
     try:
-        fig.write_image(tmp, format=suffix[1:], scale=scale)
+        return kaleido.calc_fig_sync(fig_dict, opts=opts, topojson=defaults.topojson, kopts=kopts)
     except Exception as err:  # kaleido reports a missing browser in several ways
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise TvlensError(
-            f"static export to {suffix} failed ({msg}); install a Chromium "
+            f"static export to .{fmt} failed ({msg}); install a Chromium "
             "(`apt-get install chromium`) or export to .html"
         ) from None
 

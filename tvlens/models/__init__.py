@@ -6,6 +6,7 @@ from tvlens.models.loading import (
     fingerprint,
     list_models,
     load_model,
+    prepare_bridge,
     tiny_model,
 )
 from tvlens.models.registry import DEFAULT_MODEL, EMBEDDED_MODELS
@@ -18,5 +19,6 @@ __all__ = [
     "fingerprint",
     "list_models",
     "load_model",
+    "prepare_bridge",
     "tiny_model",
 ]

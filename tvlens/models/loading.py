@@ -126,9 +126,8 @@ def load_model(
 
 
 def _bridge_from_hf_folder(folder: Path, architecture: str, name: str, device, dtype):
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+    from transformer_lens.model_bridge.sources import build_bridge_from_module  # public export
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading from the float cache is quick
@@ -143,7 +142,7 @@ def _bridge_from_hf_folder(folder: Path, architecture: str, name: str, device, d
             hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer,
             model_name=name,
         )
-    return _finish(bridge)
+    return prepare_bridge(bridge)
 
 
 def _boot_transformers(source: str, name: str, device, dtype):
@@ -159,7 +158,7 @@ def _boot_transformers(source: str, name: str, device, dtype):
             "or a local folder."
         ) from None
     bridge.cfg.model_name = name
-    return _finish(bridge)
+    return prepare_bridge(bridge)
 
 
 def tiny_model(
@@ -210,14 +209,24 @@ def tiny_model(
         n_key_value_heads=n_kv_heads, seed=seed,
     )
     bridge = TransformerBridge.boot_native(cfg, tokenizer=tokenizer, model_name=name)
-    return _finish(bridge)
+    return prepare_bridge(bridge)
 
 
-def _finish(bridge):
+def prepare_bridge(bridge):
+    """Put a freshly built ``TransformerBridge`` in the state tvlens expects; return it.
+
+    Eval mode, and a left-padding tokenizer (if any), so the last position of every row of
+    a batch is its prompt's last token. Every loader here ends with it; call it on a bridge
+    you built yourself (e.g. with TransformerLens's ``build_bridge_from_module``).
+    """
     bridge.eval()
     if bridge.tokenizer is not None:
         bridge.tokenizer.padding_side = "left"
     return bridge
+
+
+# The old private name, until tests/test_extract.py imports prepare_bridge; then delete.
+_finish = prepare_bridge
 
 
 def list_models() -> list[dict[str, Any]]:

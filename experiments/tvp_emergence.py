@@ -12,7 +12,6 @@ Writes ``result.json`` and the two figures (``.html``) to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ torch.set_num_threads(1)
 
 from tvlens.emergence import compare, get_preset  # noqa: E402
 from tvlens.emergence.figures import accuracy_by_layer_figure, training_curves_figure  # noqa: E402
+from tvlens.io import write_json  # noqa: E402
 from tvlens.plots import export  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
 
     result = compare(cfg, log=log)
     result["wall_seconds"] = time.perf_counter() - start
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "result.json", result, indent=1)
     export(accuracy_by_layer_figure(result), out / "tv_accuracy_by_layer.html")
     export(training_curves_figure(result), out / "training_curves.html")
     print(f"\npreset {args.preset}: {result['wall_seconds']:.0f} s wall")

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import os
+import stat
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from tvlens.emergence import (
-    PRESETS, SyntheticTask, TVPConfig, Vocab, build_model, compare, consistent_tasks, decode,
-    encode, family_parameters, sample_batch, task_split, task_tables, train,
-    tv_accuracy_by_layer, tvp_losses,
+    CHECKPOINT, PRESETS, SyntheticTask, TVPConfig, Vocab, build_model, compare, consistent_tasks,
+    decode, encode, family_parameters, load_model, read_checkpoint, sample_batch, task_split,
+    task_tables, token_prompt_batch, train, tv_accuracy_by_layer, tvp_losses,
 )
 from tvlens.errors import TvlensError
 from tvlens.injection import resid_hook_name
@@ -155,17 +159,210 @@ def test_tvp_loss_and_gradients_match_a_reference_written_out():
     assert any(ge[t].abs().sum() > 0 for t in icl_only)  # tokens only the ICL pass reads
 
 
+def _same_runs(a, b):
+    assert a.step == b.step
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    assert json.dumps(a.history) == json.dumps(b.history)
+
+
 def test_resume_from_checkpoint_gives_the_same_run(tmp_path):
     cfg = replace(SMALL, tvp_lambda=1.0, steps=10, checkpoint_every=5, eval_every=5)
     straight = train(cfg, out_dir=tmp_path / "a")
     train(replace(cfg, steps=5), out_dir=tmp_path / "b")
     resumed = train(cfg, out_dir=tmp_path / "b", resume=True)
     assert resumed.step == straight.step == 10
-    for (n, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
-    assert json.dumps(resumed.history) == json.dumps(straight.history)
+    _same_runs(resumed, straight)
     with pytest.raises(TvlensError, match="another config"):
         train(replace(cfg, lr=1e-2), out_dir=tmp_path / "b", resume=True)
+    # interrupted between two evaluations (the running loss sums are in the checkpoint),
+    # and the λ = 0 baseline (its tvp_loss is NaN in the history)
+    for lam in (1.0, 0.0):
+        cfg = replace(SMALL, tvp_lambda=lam, steps=10, checkpoint_every=3, eval_every=4)
+        straight = train(cfg)
+        folder = tmp_path / f"c{lam}"
+        train(replace(cfg, steps=6), out_dir=folder)
+        _same_runs(train(cfg, out_dir=folder, resume=True), straight)
+
+
+def test_checkpoints_are_safetensors_and_json(tmp_path):
+    from safetensors import safe_open
+
+    cfg = replace(SMALL, steps=3)
+    run = train(cfg, out_dir=tmp_path)
+    path = tmp_path / CHECKPOINT
+    assert CHECKPOINT == "checkpoint.safetensors" and not (tmp_path / "checkpoint.pt").exists()
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        meta = json.loads(f.metadata()["tvlens.tvp_checkpoint"])
+    assert {f"params/{n}" for n, _ in run.model.named_parameters()} <= names
+    assert "data_rng" in names and any(n.startswith("optimizer/state/") for n in names)
+    assert meta["step"] == 3 and meta["config"] == cfg.to_dict() and "torch" in meta["versions"]
+    assert json.loads((tmp_path / "config.json").read_text()) == cfg.to_dict()
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (CHECKPOINT, "config.json"):  # the usual mode, not the temporary file's 0600
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors", "config.json"]
+    ckpt = read_checkpoint(path)
+    assert ckpt.config == cfg and ckpt.step == 3 and ckpt.data_rng.dtype == torch.uint8
+    model, back = load_model(tmp_path)
+    assert back == cfg
+    for (n, p), (_, q) in zip(run.model.named_parameters(), model.named_parameters()):
+        assert torch.equal(p, q), n
+    for file in Path(__file__).parents[1].joinpath("tvlens", "emergence").glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):  # no pickle anywhere
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                assert (node.value.id, node.attr) not in {("torch", "save"), ("torch", "load")}, file
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any("pickle" in n for n in names), file
+
+
+def test_bad_checkpoint_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(TvlensError, match="no checkpoint"):
+        load_model(tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x80\x04old pickle")
+    with pytest.raises(TvlensError, match="pickle from an older tvlens"):
+        train(SMALL, out_dir=tmp_path, resume=True)
+    path = tmp_path / CHECKPOINT
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(TvlensError, match="not a readable tvlens TVP checkpoint"):
+        load_model(tmp_path)
+    save_file({"x": torch.zeros(2)}, str(path))  # safetensors, but not ours
+    with pytest.raises(TvlensError, match="not a tvlens TVP checkpoint"):
+        load_model(tmp_path)
+    save_file({"x": torch.zeros(2)}, str(path), metadata={"tvlens.tvp_checkpoint": '{"kind": "vector"}'})
+    with pytest.raises(TvlensError, match="not a tvlens TVP checkpoint"):
+        load_model(tmp_path)
+    train(replace(SMALL, steps=1), out_dir=tmp_path)
+    from tvlens.emergence.checkpoint import KEY
+    from tvlens.io import load_tensors, save_tensors
+
+    tensors, meta = load_tensors(path, key=KEY)
+    save_tensors(path, tensors, {**meta, "config": {**meta["config"], "n_experts": 4}}, key=KEY)
+    with pytest.raises(TvlensError, match="n_experts"):  # a newer tvlens's field
+        load_model(tmp_path)
+    save_tensors(path, tensors, {**meta, "format_version": 99}, key=KEY)
+    with pytest.raises(TvlensError, match="newer tvlens"):
+        load_model(tmp_path)
+    del tensors["data_rng"]
+    save_tensors(path, tensors, meta, key=KEY)
+    with pytest.raises(TvlensError, match="damaged.*data_rng"):
+        train(replace(SMALL, steps=2), out_dir=tmp_path, resume=True)
+
+
+def test_training_leaves_the_global_rng_alone():
+    torch.manual_seed(2024)
+    state = torch.get_rng_state()
+    first = build_model(SMALL)
+    train(replace(SMALL, steps=2, eval_every=1))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(7)  # the initial weights depend on cfg.seed alone
+    again = build_model(SMALL)
+    assert all(torch.equal(p, q) for p, q in zip(first.parameters(), again.parameters()))
+    other = build_model(replace(SMALL, seed=1))
+    assert not all(torch.equal(p, q) for p, q in zip(first.parameters(), other.parameters()))
+
+
+def test_token_prompts_are_rendered_by_the_vocabulary():
+    v = Vocab(7)
+    assert v.render([v.bos, 3, v.arrow, 5, v.comma, 2, v.arrow]) == "<bos> 3 -> 5 , 2 ->"
+    batch = sample_batch(task_tables(SMALL.tasks()[0]), 3, 5, torch.Generator().manual_seed(0))
+    qb = token_prompt_batch(batch.query_ids, batch.query_answers, 7)
+    assert torch.equal(qb.input_ids, batch.query_ids) and qb.attention_mask.all()
+    for row in range(5):
+        x, y = int(batch.query_ids[row, 1]), int(batch.query_answers[row])
+        assert qb.prompts[row] == f"<bos> {x} ->" and qb.answer_ids[row] == [y]
+        assert qb.examples[row].x == qb.prompts[row] and qb.examples[row].y == str(y)
+    assert qb.position_index("separator").tolist() == [2] * 5 == qb.position_index("last").tolist()
+    icl = token_prompt_batch(batch.prompt_ids(), batch.ys[:, -1], 7)
+    assert decode(batch.prompt_ids()[0].tolist(), 7)[1] == int(icl.prompts[0].split()[-2])
+    assert icl.position_index("separator").tolist() == [4 * 3 - 2] * 5
+
+
+def test_bad_token_prompts_are_refused():
+    v = Vocab(7)
+    with pytest.raises(TvlensError, match="arrow"):
+        token_prompt_batch(torch.tensor([[v.bos, 3, v.arrow, 5]]), torch.tensor([1]), 7)
+    with pytest.raises(TvlensError, match="outside the synthetic vocabulary"):
+        token_prompt_batch(torch.tensor([[v.bos, 30, v.arrow]]), torch.tensor([1]), 7)
+    with pytest.raises(TvlensError, match="one answer per prompt"):
+        token_prompt_batch(torch.tensor([[v.bos, 3, v.arrow]]), torch.tensor([1, 2]), 7)
+
+
+def test_tvp_config_is_a_registered_method_config(tmp_path):
+    from tvlens.cli import build_parser
+    from tvlens.cli.tvp import tvp_config_from_args
+    from tvlens.methods.base import MethodConfig, get_config
+
+    assert get_config("tvp") is TVPConfig and issubclass(TVPConfig, MethodConfig)
+    d = SMALL.to_dict()
+    assert d["families"] == ["offset"] and TVPConfig.from_dict(d) == SMALL
+    assert TVPConfig.from_dict({**d, "families": ["offset", "affine"]}).families == ("offset", "affine")
+    with pytest.raises(TvlensError, match="'n_experts'.*'rope_base'|'n_experts', 'rope_base'"):
+        TVPConfig.from_dict({**d, "rope_base": 1e4, "n_experts": 4})
+    # the CLI's flags come from the fields, spelt as before
+    (tmp_path / "cfg.json").write_text(json.dumps({"n_values": 9, "d_model": 24}))
+    args = build_parser().parse_args(
+        ["tvp", "train", "--preset", "tiny", "--config", str(tmp_path / "cfg.json"),
+         "--n-layers", "4", "--tvp-layer", "2", "--families", "offset,affine", "--positional",
+         "standard", "--lr", "0.01", "--tvp-lambda", "0.5", "--n-ctx", "64", "--out", "x"])
+    cfg = tvp_config_from_args(args)
+    assert cfg == replace(PRESETS["tiny"], n_values=9, d_model=24, n_layers=4, tvp_layer=2,
+                          families=("offset", "affine"), positional="standard", lr=0.01,
+                          tvp_lambda=0.5, n_ctx=64)
+    (tmp_path / "bad.json").write_text(json.dumps({"n_layer": 3}))
+    args = build_parser().parse_args(["tvp", "train", "--config", str(tmp_path / "bad.json"), "--out", "x"])
+    with pytest.raises(TvlensError, match="n_layer"):
+        tvp_config_from_args(args)
+
+
+def test_accuracy_figure_uses_the_exact_binomial_interval():
+    from tvlens.emergence.figures import accuracy_by_layer_figure
+    from tvlens.stats import exact_ci
+
+    arm = {"tv_accuracy_by_layer": [0.25, 0.5, 1.0], "icl_accuracy": 0.75}
+    result = {"config": {"n_eval": 8, "n_values": 7, "tvp_layer": 1},
+              "with_tvp": arm, "without_tvp": {**arm, "tv_accuracy_by_layer": [0.0, 0.125, 0.5]}}
+    fig = accuracy_by_layer_figure(result)
+    band = fig.data[0]  # the with-TVP band: ci_high over the layers, then ci_low back
+    lows, highs = zip(*(exact_ci(round(a * 8), 8) for a in arm["tv_accuracy_by_layer"]))
+    assert list(band.y) == pytest.approx(list(highs) + list(lows)[::-1])
+    lo, hi = exact_ci(6, 8)
+    assert any(f"ICL, with TVP (0.75 [{lo:.2f}, {hi:.2f}])" == t.name for t in fig.data)
+
+
+def test_emergence_modules_import_one_way():
+    """No import cycle among tvlens.emergence's modules (lazy imports inside functions count)."""
+    folder = Path(__file__).parents[1] / "tvlens" / "emergence"
+    graph = {}
+    for path in folder.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tvlens.emergence."):
+                deps.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.rsplit(".", 1)[1] for a in node.names
+                         if a.name.startswith("tvlens.emergence.")}
+        graph[path.stem] = deps
+    assert "training" not in graph["measure"] and "measure" in graph["training"]
+    done: set[str] = set()
+
+    def visit(name, stack):
+        assert name not in stack, f"import cycle: {' -> '.join(stack + [name])}"
+        if name in done:
+            return
+        for dep in graph.get(name, ()):
+            visit(dep, stack + [name])
+        done.add(name)
+
+    for name in graph:
+        visit(name, [])
 
 
 def test_tvp_localises_the_task_vector_at_the_prescribed_layer():
@@ -185,12 +382,13 @@ def test_cli_train_writes_a_checkpoint_and_json(tmp_path, capsys):
                  "--eval-every", "0", "--out", str(tmp_path / "run"), "--json"])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
-    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
     assert data["steps"] == 3 and data["tvp_layer"] == PRESETS["tiny"].tvp_layer
     assert len(data["tv_accuracy_by_layer"]) == PRESETS["tiny"].n_layers
     # the reported measures, recomputed from the saved checkpoint
     from tvlens.emergence.measure import evaluate_run
-    from tvlens.emergence.training import load_model
+    from tvlens.emergence.checkpoint import load_model
 
     model, cfg = load_model(tmp_path / "run")
     assert cfg.n_eval == 8 and cfg.steps == 3

@@ -10,9 +10,7 @@ then flags (``--n-layers 4 --tvp-layer 1 --families offset,affine``), later winn
 
 from __future__ import annotations
 
-import json
-from dataclasses import fields, replace
-from pathlib import Path
+from dataclasses import replace
 
 from tvlens.cli.common import add_json_arg, out_path, print_json, print_table
 from tvlens.errors import TvlensError
@@ -20,30 +18,22 @@ from tvlens.errors import TvlensError
 _KEYS = ("icl_accuracy", "ood_icl_accuracy", "long_context_icl_accuracy", "zero_shot_accuracy")
 
 
-def _field_flags(p) -> None:
-    from tvlens.emergence.training import TVPConfig
-
-    for f in fields(TVPConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "families":
-            p.add_argument(flag, default=None, help="comma-separated: offset,affine,permutation")
-        elif f.name == "positional":
-            p.add_argument(flag, default=None, choices=["rotary", "standard"])
-        else:
-            kind = float if f.name in ("tvp_lambda", "lr", "weight_decay") else int
-            p.add_argument(flag, type=kind, default=None, dest=f.name)
-
-
 def register(subparsers) -> None:
+    from tvlens.emergence.config import TVPConfig, get_preset
+    from tvlens.methods.base import add_config_flags
+
     tvp = subparsers.add_parser("tvp", help="train small models on synthetic ICL tasks (TVP loss)")
     sub = tvp.add_subparsers(dest="tvp_command", metavar="SUBCOMMAND", required=True)
 
-    t = sub.add_parser("train", help="train one model and measure it")
+    t = sub.add_parser("train", help="train one model and measure it",
+                       description="Flags override the --preset (and --config); the defaults "
+                                   "shown are those of the default preset.")
     t.add_argument("--preset", default="default", help="starting config: tiny or default")
     t.add_argument("--config", default=None, help="JSON file of TVPConfig fields")
-    _field_flags(t)
-    t.add_argument("--out", required=True, help="run folder (checkpoint.pt, config.json, metrics.json)")
-    t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    add_config_flags(t, TVPConfig, defaults_from=get_preset("default"))
+    t.add_argument("--out", required=True,
+                   help="run folder (checkpoint.safetensors, config.json, metrics.json)")
+    t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
     add_json_arg(t)
     t.set_defaults(func=_train)
 
@@ -55,34 +45,27 @@ def register(subparsers) -> None:
     c.set_defaults(func=_compare)
 
 
-def config_from_args(args):
-    """Preset, then ``--config`` file, then flags."""
-    from tvlens.emergence.measure import get_preset
-    from tvlens.emergence.training import TVPConfig
+def tvp_config_from_args(args):
+    """Preset, then ``--config`` file, then flags (:func:`tvlens.methods.base.config_from_args`)."""
+    from tvlens.emergence.config import TVPConfig, get_preset
+    from tvlens.io import read_json
+    from tvlens.methods.base import config_from_args
 
     cfg = get_preset(args.preset)
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise TvlensError(f"config file {args.config!r} not found")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise TvlensError(f"config file {args.config!r} is not valid JSON: {err}") from None
+        data = read_json(args.config, what="config file")
+        if not isinstance(data, dict):
+            raise TvlensError(f"config file {args.config!r} must hold a JSON object of TVPConfig fields")
         cfg = TVPConfig.from_dict({**cfg.to_dict(), **data})
-    overrides = {}
-    for f in fields(TVPConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            overrides[f.name] = tuple(v for v in value.split(",") if v) if f.name == "families" else value
-    return replace(cfg, **overrides).validate()
+    return config_from_args(TVPConfig, args, base=cfg).validate()
 
 
 def _train(args) -> int:
     from tvlens.emergence.measure import evaluate_run
     from tvlens.emergence.training import train
+    from tvlens.io import write_json
 
-    cfg = config_from_args(args)
+    cfg = tvp_config_from_args(args)
     folder = out_path(args.out, is_dir=True)
     log = None if args.json else (lambda e: print(
         f"step {e['step']}: loss {e['loss']:.3f} icl {e['icl_accuracy']:.3f} "
@@ -90,7 +73,7 @@ def _train(args) -> int:
     run = train(cfg, out_dir=folder, resume=args.resume, log=log)
     result = {**evaluate_run(run.model, cfg), "steps": run.step, "train_seconds": run.seconds,
               "out": str(folder), "config": cfg.to_dict()}
-    (folder / "metrics.json").write_text(json.dumps({**result, "history": run.history}, indent=1))
+    write_json(folder / "metrics.json", {**result, "history": run.history}, indent=1)
     if args.json:
         print_json(result)
     else:
@@ -101,7 +84,9 @@ def _train(args) -> int:
 
 
 def _compare(args) -> int:
-    from tvlens.emergence.measure import compare, get_preset
+    from tvlens.emergence.config import get_preset
+    from tvlens.emergence.training import compare
+    from tvlens.io import write_json
 
     cfg = get_preset(args.preset)
     if args.steps is not None:
@@ -114,7 +99,7 @@ def _compare(args) -> int:
         from tvlens.emergence.figures import accuracy_by_layer_figure, training_curves_figure
         from tvlens.plots import export
 
-        (folder / "result.json").write_text(json.dumps(result, indent=1))
+        write_json(folder / "result.json", result, indent=1)
         export(accuracy_by_layer_figure(result), folder / "tv_accuracy_by_layer.html")
         export(training_curves_figure(result), folder / "training_curves.html")
     if args.json:

@@ -1,31 +1,23 @@
 """Figures for a with/without-TVP comparison (the dict :func:`tvlens.emergence.compare` returns).
 
 - :func:`accuracy_by_layer_figure`: task-vector accuracy at each extraction layer, both
-  arms, with 95% Wilson intervals over the ``n`` evaluation prompts and the ICL /
-  chance references; the prescribed layer ℓ is marked.
+  arms, and the ICL / chance references. Each accuracy ``p`` is a rate over the ``n``
+  evaluation prompts, so its band is the exact (Clopper–Pearson) 95% binomial interval of
+  ``round(p·n)`` successes in ``n`` trials, :func:`tvlens.stats.proportion` — the one
+  interval function of tvlens. The prescribed layer ℓ is marked.
 - :func:`training_curves_figure`: ICL accuracy and task-vector accuracy at ℓ over steps.
 """
 
 from __future__ import annotations
-
-import math
 
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from tvlens.plots import PALETTE, accuracy_by_layer, apply_theme
+from tvlens.stats import proportion
 
 ARMS = (("with_tvp", "with TVP"), ("without_tvp", "without TVP"))
-
-
-def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson interval of a proportion ``p`` measured on ``n`` trials."""
-    if n <= 0:
-        return (p, p)
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def accuracy_by_layer_figure(result: dict, *, n: int | None = None) -> go.Figure:
@@ -34,13 +26,14 @@ def accuracy_by_layer_figure(result: dict, *, n: int | None = None) -> go.Figure
     curves = {}
     for key, label in ARMS:
         accs = result[key]["tv_accuracy_by_layer"]
-        cis = [wilson(a, n) for a in accs]
+        cis = [proportion(a, n) for a in accs]
         curves[label] = pd.DataFrame({"layer": list(range(len(accs))), "accuracy": accs,
-                                      "ci_low": [c[0] for c in cis], "ci_high": [c[1] for c in cis]})
+                                      "ci_low": [c.ci_low for c in cis],
+                                      "ci_high": [c.ci_high for c in cis]})
     refs = {}
     for key, label in ARMS:
         acc = result[key]["icl_accuracy"]
-        refs[f"ICL, {label}"] = (acc, *wilson(acc, n))
+        refs[f"ICL, {label}"] = proportion(acc, n).as_tuple()
     chance = 1.0 / result["config"]["n_values"]
     refs["chance"] = (chance, chance, chance)
     fig = accuracy_by_layer(curves, refs, title="Task-vector accuracy by extraction layer")

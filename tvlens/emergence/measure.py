@@ -1,5 +1,6 @@
 """Emergence measurements: ICL accuracy (in and out of distribution) and task-vector
-accuracy by layer, for one trained model or for a with/without-TVP comparison.
+accuracy by layer, for one trained model (the with/without-TVP comparison that trains two
+is :func:`tvlens.emergence.training.compare`).
 
 Task-vector accuracy at layer l (Hendel et al.'s protocol, one vector per prompt as in
 the TVP loss): for each prompt ``b`` of K pairs from task ``f`` cut at the last arrow,
@@ -11,34 +12,23 @@ with ``x'_b ≠ x_K`` so the vector must carry the task, not the last answer. IC
 accuracy is ``mean_b [argmax logits(prompt_b)[last] = y_K]`` (argmax over the whole
 vocabulary). Chance is ``1 / n_values``; the zero-shot query without a vector cannot
 beat ``1 / n_tasks`` for offset tasks (it does not know the task).
+
+Every measure is seeded (``EVAL_SEED``) and reported as a rate over ``n`` prompts; its
+exact binomial interval is ``tvlens.stats.proportion(rate, n)``.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
 
 import torch
 
-from tvlens.emergence.synthetic import SyntheticTask, sample_batch, task_tables
-from tvlens.emergence.training import TVPConfig, query_batch, train
+from tvlens.emergence.config import TVPConfig
+from tvlens.emergence.synthetic import SyntheticTask, sample_batch, task_tables, token_prompt_batch
 from tvlens.errors import TvlensError
 from tvlens.injection import InjectionSpec, injection_hooks, resid_hook_name
 
 EVAL_SEED = 12345
-
-PRESETS: dict[str, TVPConfig] = {
-    # ~20 s per arm on one shared CPU core: a pool of 5 offsets mod 8, a 3-layer model.
-    "tiny": TVPConfig(n_values=8, families=("offset",), n_heldout=2, n_pairs=4, ood_pairs=8,
-                      n_layers=3, d_model=32, n_heads=4, tvp_layer=1, steps=400,
-                      batch_size=32, lr=3e-3, warmup=10, eval_every=100, n_eval=256),
-    # 7 offsets mod 10 (2 held out), a 4-layer model, ℓ = 1; minutes on one CPU core.
-    "default": TVPConfig(n_values=10, families=("offset",), n_heldout=2, n_pairs=6,
-                         ood_pairs=12, n_layers=4, d_model=48, n_heads=4, tvp_layer=1,
-                         steps=800, batch_size=32, lr=3e-3, warmup=20, eval_every=100,
-                         n_eval=512),
-}
 
 
 def _check_ctx(model, n_pairs: int) -> None:
@@ -81,7 +71,7 @@ def tv_accuracy_by_layer(model, tasks: Sequence[SyntheticTask], n_pairs: int, *,
     device = model.cfg.device
     names = [resid_hook_name(layer) for layer in layers]
     _, cache = model.run_with_cache(batch.prompt_ids().to(device), names_filter=lambda x: x in names)
-    qb = query_batch(batch.query_ids, batch.query_answers, _n_values(model)).to(device)
+    qb = token_prompt_batch(batch.query_ids, batch.query_answers, _n_values(model)).to(device)
     out = []
     for name, layer in zip(names, layers):
         v = cache[name][:, -1]
@@ -124,36 +114,3 @@ def evaluate_run(model, cfg: TVPConfig, *, n: int | None = None, seed: int = EVA
         "tvp_lambda": cfg.tvp_lambda,
         "chance": 1.0 / cfg.n_values,
     }
-
-
-def get_preset(name: str) -> TVPConfig:
-    if name not in PRESETS:
-        raise TvlensError(f"unknown preset {name!r}; use one of {sorted(PRESETS)}")
-    return PRESETS[name]
-
-
-def compare(cfg: TVPConfig | str = "tiny", *, tvp_lambda: float | None = None,
-            out_dir=None, log: Callable[[str, dict], None] | None = None) -> dict:
-    """Train the same seeded config twice, with λ (``with_tvp``) and with λ = 0
-    (``without_tvp``), and measure both with :func:`evaluate_run`.
-
-    Returns ``{"config": ..., "with_tvp": {...}, "without_tvp": {...}}``; each arm also has
-    its ``history`` (curves over training) and ``train_seconds``.
-    """
-    cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
-    if tvp_lambda is not None:
-        cfg = replace(cfg, tvp_lambda=tvp_lambda)
-    if cfg.tvp_lambda <= 0:
-        raise TvlensError("compare needs tvp_lambda > 0 for the with-TVP arm")
-    cfg.validate()
-    result = {"config": cfg.to_dict()}
-    for arm, lam in (("with_tvp", cfg.tvp_lambda), ("without_tvp", 0.0)):
-        arm_cfg = replace(cfg, tvp_lambda=lam)
-        start = time.perf_counter()
-        folder = None if out_dir is None else f"{out_dir}/{arm}"
-        run = train(arm_cfg, out_dir=folder, log=(lambda e, a=arm: log(a, e)) if log else None)
-        metrics = evaluate_run(run.model, arm_cfg)
-        metrics["history"] = run.history
-        metrics["train_seconds"] = time.perf_counter() - start
-        result[arm] = metrics
-    return result

@@ -17,6 +17,9 @@ family         map                                         parameter
 An ICL sequence of K pairs is ``BOS x1 -> y1 , x2 -> y2 , … , xK -> yK`` (4K tokens):
 pair ``i`` (0-based) has ``x`` at ``4i+1``, ``->`` at ``4i+2`` and ``y`` at ``4i+3``, so
 ``y_i`` is predicted from the arrow at ``4i+2``. A zero-shot query is ``BOS x ->``.
+:meth:`Vocab.render` reads ids back as text (``"<bos> 3 -> 5 , 2 ->"``), and
+:func:`token_prompt_batch` makes token-level prompts that end at an arrow into the
+package's :class:`tvlens.prompts.PromptBatch` (through ``PromptSet.from_tokens``).
 :func:`task_split` holds out some parameters of each family (out-of-distribution tasks);
 longer contexts (more pairs than in training) are the other OOD axis.
 """
@@ -32,6 +35,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tvlens.errors import TvlensError
+from tvlens.prompts import PromptBatch, PromptSet
 
 FAMILIES = ("offset", "affine", "permutation")
 
@@ -61,6 +65,20 @@ class Vocab:
     @property
     def d_vocab(self) -> int:
         return self.n_values + 4
+
+    def token(self, i: int) -> str:
+        """The text of id ``i``: the value's digits, ``<bos>``, ``->``, ``,`` or ``<pad>``."""
+        i = int(i)
+        if 0 <= i < self.n_values:
+            return str(i)
+        names = {self.bos: "<bos>", self.arrow: "->", self.comma: ",", self.pad: "<pad>"}
+        if i not in names:
+            raise TvlensError(f"id {i} is outside the synthetic vocabulary (0..{self.d_vocab - 1})")
+        return names[i]
+
+    def render(self, ids: Sequence[int]) -> str:
+        """The vocabulary's decode to text: ids joined by spaces, e.g. ``"<bos> 3 -> 5 , 2 ->"``."""
+        return " ".join(self.token(i) for i in ids)
 
 
 @dataclass(frozen=True)
@@ -225,6 +243,32 @@ def sample_batch(
     xq = (xs[:, -1] + shift) % V
     query = torch.stack([torch.full_like(xq, vocab.bos), xq, torch.full_like(xq, vocab.arrow)], 1)
     return ICLBatch(ids, t, xs, ys, query, tables[t, xq])
+
+
+def token_prompt_batch(
+    input_ids: Int[Tensor, "batch seq"],
+    answers: Int[Tensor, " batch"],
+    n_values: int,
+) -> PromptBatch:
+    """Token-level prompts ending at an arrow (zero-shot queries ``BOS x ->`` or ICL prompts
+    cut before ``y_K``) as a :class:`PromptBatch`, built by ``PromptSet.from_tokens``.
+
+    Rows are unpadded (mask of ones), each answer is the one value id ``f(x)``, the
+    ``"separator"`` is the last arrow (the last column), and ``examples`` / ``prompts``
+    hold :meth:`Vocab.render` of each row. Raises :class:`TvlensError` for ids outside the
+    vocabulary or a row that does not end at an arrow.
+    """
+    vocab = Vocab(n_values)
+    B, T = input_ids.shape
+    if answers.shape[0] != B:
+        raise TvlensError(f"{B} prompt(s) but {answers.shape[0]} answers; give one answer per prompt")
+    rows = input_ids.tolist()
+    if any(r[-1] != vocab.arrow for r in rows):
+        raise TvlensError("token-level prompts must end at the arrow '->' the answer follows")
+    prompts = PromptSet.from_tokens(
+        input_ids, [[int(y)] for y in answers.tolist()], renderings=[vocab.render(r) for r in rows],
+        separator_index=[T - 1] * B, n_values=n_values)
+    return prompts.batch
 
 
 def encode(pairs: Sequence[tuple[int, int]], n_values: int) -> list[int]:

@@ -16,18 +16,20 @@ per-example vectors ``[B, 1, 1, d_model]``), so gradients reach the ICL pass thr
 ``v`` (Yang et al. 2025, "Task vectors in in-context learning: emergence, formation,
 and benefits"). ``λ = 0`` is the plain ICL baseline (the zero-shot forward is skipped).
 
-Training is seeded AdamW with a linear warm-up and gradient clipping; checkpoints hold
-the parameters, optimizer state, the data generator's state and the history, so a run
-resumed from a checkpoint ends with the same parameters as one run straight through.
+Training is seeded AdamW with a linear warm-up and gradient clipping. The initial
+weights come from ``cfg.seed`` (:func:`tvlens.emergence.config.build_model`) and the data
+from a ``torch.Generator`` seeded by ``cfg.seed + 1``; the global RNG is neither read nor
+changed. Checkpoints (:mod:`tvlens.emergence.checkpoint`: safetensors + JSON) hold the
+parameters, optimizer state, the data generator's state, the history and the running loss
+sums, so a run resumed from a checkpoint ends with the same parameters and history as one
+run straight through. :func:`compare` trains the same config with and without TVP.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,129 +37,15 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from tvlens.emergence.synthetic import (
-    FAMILIES, ICLBatch, SyntheticTask, Vocab, sample_batch, task_split, task_tables,
-    y_positions,
-)
+from tvlens.emergence.checkpoint import CHECKPOINT, load_params, read_checkpoint, save_checkpoint
+from tvlens.emergence.config import TVPConfig, build_model, get_preset
+from tvlens.emergence.measure import evaluate_run, training_metrics
+from tvlens.emergence.synthetic import ICLBatch, sample_batch, task_tables, token_prompt_batch, y_positions
 from tvlens.errors import TvlensError
 from tvlens.injection import InjectionSpec, injection_hooks, resid_hook_name
-from tvlens.prompts import Example, PromptBatch
 
-CHECKPOINT = "checkpoint.pt"
 # Fields that may change between a checkpoint and its resumption.
 _RESUMABLE = {"steps", "eval_every", "checkpoint_every", "n_eval"}
-
-
-@dataclass(frozen=True)
-class TVPConfig:
-    """Everything that defines a run (saved with every checkpoint as ``config.json``).
-
-    Data: ``n_values`` values, ``families``, ``n_heldout`` held-out parameters per family,
-    ``n_permutations`` training permutations, ``n_pairs`` pairs per training sequence,
-    ``ood_pairs`` pairs for the long-context test. Model: ``n_layers``, ``d_model``,
-    ``n_heads``, ``positional`` (``"rotary"`` / ``"standard"``), ``n_ctx`` (default
-    ``4·max(n_pairs, ood_pairs)``). Loss: ``tvp_layer`` ℓ and ``tvp_lambda`` λ.
-    Optimisation: ``steps``, ``batch_size``, ``lr``, ``weight_decay``, ``warmup``, ``seed``.
-    Logging: evaluate every ``eval_every`` steps on ``n_eval`` prompts (0: never),
-    checkpoint every ``checkpoint_every`` steps (0: only at the end).
-    """
-
-    n_values: int = 16
-    families: Sequence[str] = ("offset",)  # stored as a tuple (__post_init__)
-    n_heldout: int = 3
-    n_permutations: int = 8
-    n_pairs: int = 8
-    ood_pairs: int = 16
-    n_layers: int = 4
-    d_model: int = 64
-    n_heads: int = 4
-    positional: str = "rotary"
-    n_ctx: int | None = None
-    tvp_layer: int = 1
-    tvp_lambda: float = 1.0
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: int = 50
-    seed: int = 0
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    n_eval: int = 256
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "families", tuple(self.families))
-
-    @property
-    def context(self) -> int:
-        return self.n_ctx if self.n_ctx is not None else 4 * max(self.n_pairs, self.ood_pairs)
-
-    def validate(self) -> TVPConfig:
-        """Raise :class:`TvlensError` naming the first bad field and its fix."""
-        if not isinstance(self.tvp_lambda, (int, float)) or not self.tvp_lambda >= 0:
-            raise TvlensError(f"tvp_lambda must be >= 0 (0 turns TVP off), got {self.tvp_lambda!r}")
-        if not 0 <= self.tvp_layer < self.n_layers:
-            raise TvlensError(
-                f"tvp_layer {self.tvp_layer} is outside the model: it has layers 0..{self.n_layers - 1}"
-            )
-        for f in self.families:
-            if f not in FAMILIES:
-                raise TvlensError(f"unknown task family {f!r}; use some of {FAMILIES}")
-        if self.positional not in ("rotary", "standard"):
-            raise TvlensError(f"positional must be 'rotary' or 'standard', got {self.positional!r}")
-        need = 4 * max(self.n_pairs, self.ood_pairs)
-        if need > self.context:
-            raise TvlensError(
-                f"{max(self.n_pairs, self.ood_pairs)} pairs need {need} tokens, beyond n_ctx="
-                f"{self.context}; raise n_ctx or use fewer pairs"
-            )
-        for name in ("n_pairs", "ood_pairs", "steps", "batch_size", "n_layers", "n_eval"):
-            if getattr(self, name) < 1:
-                raise TvlensError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise TvlensError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        task_split(self.families, self.n_values, n_heldout=self.n_heldout,
-                   n_permutations=self.n_permutations, seed=self.seed)  # vocabulary checks
-        return self
-
-    def tasks(self) -> tuple[list[SyntheticTask], list[SyntheticTask]]:
-        """(train tasks, held-out tasks) of this config."""
-        return task_split(self.families, self.n_values, n_heldout=self.n_heldout,
-                          n_permutations=self.n_permutations, seed=self.seed)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["families"] = list(self.families)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TVPConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TvlensError(f"unknown TVP config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
-
-
-def build_model(cfg: TVPConfig):
-    """A fresh native model (``tvlens.tiny_model``) sized by ``cfg``, seeded by ``cfg.seed``."""
-    from tvlens.models.loading import tiny_model
-
-    return tiny_model(d_vocab=Vocab(cfg.n_values).d_vocab, n_layers=cfg.n_layers,
-                      d_model=cfg.d_model, n_heads=cfg.n_heads, n_ctx=cfg.context,
-                      positional=cfg.positional, seed=cfg.seed, name="tvp-synthetic")
-
-
-def query_batch(query_ids: Tensor, answers: Tensor, n_values: int) -> PromptBatch:
-    """A :class:`PromptBatch` of zero-shot queries ``BOS x ->`` (separator = the arrow)."""
-    B = query_ids.shape[0]
-    xs, ys = query_ids[:, 1].tolist(), answers.tolist()
-    return PromptBatch(
-        query_ids, torch.ones_like(query_ids),
-        examples=[Example(x=str(x), y=str(y)) for x, y in zip(xs, ys)],
-        prompts=[f"<bos> {x} ->" for x in xs], answer_ids=[[y] for y in ys],
-        separator_index=[2] * B,
-    )
 
 
 def icl_loss(logits: Float[Tensor, "batch seq vocab"], ys: Tensor) -> Tensor:
@@ -196,7 +84,7 @@ def tvp_losses(model, batch: ICLBatch, layer: int, lam: float, *,
     l_icl = icl_loss(logits, batch.ys)
     if lam == 0 and not capture_injected:
         return TVPOutput(l_icl, l_icl, None, extracted)
-    qb = query_batch(batch.query_ids, batch.query_answers, n_values).to(device)
+    qb = token_prompt_batch(batch.query_ids, batch.query_answers, n_values).to(device)
     spec = InjectionSpec(layers=(layer,), positions=("last",),
                          vectors=extracted[:, None, None, :], mode="replace")
     hooks = injection_hooks(model, qb, spec)
@@ -224,83 +112,40 @@ class TrainRun:
     seconds: float = 0.0
 
 
-def _params(model) -> dict[str, Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def save_checkpoint(path: str | Path, run: TrainRun, optimizer, data_gen: torch.Generator) -> Path:
-    """Write ``run`` (parameters, optimizer, data RNG, history) atomically to ``path``."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"config": run.config.to_dict(), "step": run.step, "params": _params(run.model),
-                "optimizer": optimizer.state_dict(), "data_rng": data_gen.get_state(),
-                "history": run.history}, tmp)
-    os.replace(tmp, path)
-    (path.parent / "config.json").write_text(json.dumps(run.config.to_dict(), indent=2))
-    return path
-
-
-def load_model(folder: str | Path):
-    """The trained model of a run folder (its ``checkpoint.pt``) and its config."""
-    ckpt = _read_checkpoint(Path(folder) / CHECKPOINT)
-    cfg = TVPConfig.from_dict(ckpt["config"])
-    model = build_model(cfg)
-    _load_params(model, ckpt["params"])
-    return model, cfg
-
-
-def _read_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise TvlensError(f"no checkpoint at {str(path)!r}; train first (tvlens tvp train --out DIR)")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _load_params(model, params: dict[str, Tensor]) -> None:
-    own = dict(model.named_parameters())
-    if set(own) != set(params):
-        raise TvlensError("checkpoint parameters do not match this model's; was the config changed?")
-    with torch.no_grad():
-        for n, p in own.items():
-            p.copy_(params[n])
-
-
 def train(cfg: TVPConfig, *, out_dir: str | Path | None = None, resume: bool = False,
           log: Callable[[dict], None] | None = None) -> TrainRun:
     """Train a model on ``cfg``'s training tasks with ``L_ICL + λ·L_TVP``.
 
     Args:
-        out_dir: folder for ``checkpoint.pt`` / ``config.json`` (written every
+        out_dir: folder for ``checkpoint.safetensors`` / ``config.json`` (written every
             ``checkpoint_every`` steps and at the end); None keeps everything in memory.
-        resume: continue from ``out_dir/checkpoint.pt`` up to ``cfg.steps`` (only
+        resume: continue from ``out_dir/checkpoint.safetensors`` up to ``cfg.steps`` (only
             ``steps``, ``eval_every``, ``checkpoint_every``, ``n_eval`` may differ).
         log: called with every history entry (step, losses, accuracies).
     """
-    from tvlens.emergence.measure import training_metrics
-
     cfg.validate()
-    torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     run = TrainRun(model, cfg, 0)
+    sums = _zero_sums()
     folder = Path(out_dir) if out_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     if resume:
         if folder is None:
-            raise TvlensError("resume needs out_dir (the folder holding checkpoint.pt)")
-        ckpt = _read_checkpoint(folder / CHECKPOINT)
-        saved = TVPConfig.from_dict(ckpt["config"])
-        if replace(saved, **{k: getattr(cfg, k) for k in _RESUMABLE}) != cfg:
+            raise TvlensError(f"resume needs out_dir (the folder holding {CHECKPOINT})")
+        ckpt = read_checkpoint(folder / CHECKPOINT)
+        if replace(ckpt.config, **{k: getattr(cfg, k) for k in _RESUMABLE}) != cfg:
             raise TvlensError("the checkpoint was trained with another config; resume with the "
                               f"same config (only {sorted(_RESUMABLE)} may change)")
-        _load_params(model, ckpt["params"])
-        opt.load_state_dict(ckpt["optimizer"])
-        data_gen.set_state(ckpt["data_rng"])
-        run.step, run.history = ckpt["step"], ckpt["history"]
+        load_params(model, ckpt.params)
+        opt.load_state_dict(ckpt.optimizer)
+        data_gen.set_state(ckpt.data_rng)
+        run.step, run.history = ckpt.step, ckpt.history
+        sums = dict(ckpt.running) if ckpt.running else sums
     train_tasks, _ = cfg.tasks()
     tables = task_tables(train_tasks)
-    sums = {"loss": 0.0, "icl_loss": 0.0, "tvp_loss": 0.0, "n": 0}
     start = time.perf_counter()
     model.train()
     while run.step < cfg.steps:
@@ -322,14 +167,45 @@ def train(cfg: TVPConfig, *, out_dir: str | Path | None = None, resume: bool = F
             entry.update(training_metrics(model, cfg))
             model.train()
             run.history.append(entry)
-            sums = dict.fromkeys(sums, 0.0)
-            sums["n"] = 0
+            sums = _zero_sums()
             if log:
                 log(entry)
         if folder is not None and cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
-            save_checkpoint(folder / CHECKPOINT, run, opt, data_gen)
+            save_checkpoint(folder / CHECKPOINT, run, opt, data_gen, running=sums)
     model.eval()
     run.seconds = time.perf_counter() - start
     if folder is not None:
-        save_checkpoint(folder / CHECKPOINT, run, opt, data_gen)
+        save_checkpoint(folder / CHECKPOINT, run, opt, data_gen, running=sums)
     return run
+
+
+def _zero_sums() -> dict:
+    """Loss sums since the last evaluation (averaged into the next history entry)."""
+    return {"loss": 0.0, "icl_loss": 0.0, "tvp_loss": 0.0, "n": 0}
+
+
+def compare(cfg: TVPConfig | str = "tiny", *, tvp_lambda: float | None = None,
+            out_dir=None, log: Callable[[str, dict], None] | None = None) -> dict:
+    """Train the same seeded config twice, with λ (``with_tvp``) and with λ = 0
+    (``without_tvp``), and measure both with :func:`tvlens.emergence.measure.evaluate_run`.
+
+    Returns ``{"config": ..., "with_tvp": {...}, "without_tvp": {...}}``; each arm also has
+    its ``history`` (curves over training) and ``train_seconds``.
+    """
+    cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
+    if tvp_lambda is not None:
+        cfg = replace(cfg, tvp_lambda=tvp_lambda)
+    if cfg.tvp_lambda <= 0:
+        raise TvlensError("compare needs tvp_lambda > 0 for the with-TVP arm")
+    cfg.validate()
+    result = {"config": cfg.to_dict()}
+    for arm, lam in (("with_tvp", cfg.tvp_lambda), ("without_tvp", 0.0)):
+        arm_cfg = replace(cfg, tvp_lambda=lam)
+        start = time.perf_counter()
+        folder = None if out_dir is None else f"{out_dir}/{arm}"
+        run = train(arm_cfg, out_dir=folder, log=(lambda e, a=arm: log(a, e)) if log else None)
+        metrics = evaluate_run(run.model, arm_cfg)
+        metrics["history"] = run.history
+        metrics["train_seconds"] = time.perf_counter() - start
+        result[arm] = metrics
+    return result

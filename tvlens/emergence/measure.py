@@ -26,7 +26,8 @@ import torch
 from tvlens.emergence.config import TVPConfig
 from tvlens.emergence.synthetic import SyntheticTask, sample_batch, task_tables, token_prompt_batch
 from tvlens.errors import TvlensError
-from tvlens.injection import InjectionSpec, injection_hooks, resid_hook_name
+from tvlens.interventions import ResidualEdit, resid_hook_name
+from tvlens.runner import run
 
 EVAL_SEED = 12345
 
@@ -41,26 +42,28 @@ def _n_values(model) -> int:
     return int(model.cfg.d_vocab) - 4
 
 
-@torch.no_grad()
+def _accuracy(model, ids, answers, interventions=None) -> float:
+    """Share of token-level prompts ``ids`` whose argmax next token is ``answers``."""
+    prompts = token_prompt_batch(ids, answers, _n_values(model))
+    pred = run(model, prompts, interventions, batch_size=None, progress=False).prediction
+    return (pred == answers).float().mean().item()
+
+
 def icl_accuracy(model, tasks: Sequence[SyntheticTask], n_pairs: int, *, n: int = 256,
                  seed: int = EVAL_SEED) -> float:
     """Share of ``n`` K-pair prompts whose last answer ``y_K`` is the argmax prediction."""
     _check_ctx(model, n_pairs)
     batch = sample_batch(task_tables(tasks), n_pairs, n, torch.Generator().manual_seed(seed))
-    logits = model(batch.prompt_ids().to(model.cfg.device))[:, -1]
-    return (logits.argmax(-1).cpu() == batch.ys[:, -1]).float().mean().item()
+    return _accuracy(model, batch.prompt_ids(), batch.ys[:, -1])
 
 
-@torch.no_grad()
 def zero_shot_accuracy(model, tasks: Sequence[SyntheticTask], *, n: int = 256,
                        seed: int = EVAL_SEED) -> float:
     """Accuracy of the bare zero-shot queries (no context, no vector): the floor."""
     batch = sample_batch(task_tables(tasks), 1, n, torch.Generator().manual_seed(seed))
-    logits = model(batch.query_ids.to(model.cfg.device))[:, -1]
-    return (logits.argmax(-1).cpu() == batch.query_answers).float().mean().item()
+    return _accuracy(model, batch.query_ids, batch.query_answers)
 
 
-@torch.no_grad()
 def tv_accuracy_by_layer(model, tasks: Sequence[SyntheticTask], n_pairs: int, *,
                          layers: Sequence[int] | None = None, n: int = 256,
                          seed: int = EVAL_SEED) -> list[float]:
@@ -68,18 +71,13 @@ def tv_accuracy_by_layer(model, tasks: Sequence[SyntheticTask], n_pairs: int, *,
     _check_ctx(model, n_pairs)
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     batch = sample_batch(task_tables(tasks), n_pairs, n, torch.Generator().manual_seed(seed))
-    device = model.cfg.device
     names = [resid_hook_name(layer) for layer in layers]
-    _, cache = model.run_with_cache(batch.prompt_ids().to(device), names_filter=lambda x: x in names)
-    qb = token_prompt_batch(batch.query_ids, batch.query_answers, _n_values(model)).to(device)
-    out = []
-    for name, layer in zip(names, layers):
-        v = cache[name][:, -1]
-        spec = InjectionSpec(layers=(layer,), positions=("last",), vectors=v[:, None, None, :],
-                             mode="replace")
-        logits = model.run_with_hooks(qb.input_ids, fwd_hooks=injection_hooks(model, qb, spec))
-        out.append((logits[:, -1].argmax(-1).cpu() == batch.query_answers).float().mean().item())
-    return out
+    prompts = token_prompt_batch(batch.prompt_ids(), batch.ys[:, -1], _n_values(model))
+    acts = run(model, prompts, capture=names, capture_at="last", logits=None, batch_size=None,
+               progress=False).captured
+    return [_accuracy(model, batch.query_ids, batch.query_answers,
+                      ResidualEdit((layer,), ("last",), acts[name][:, None, None, :], "replace"))
+            for name, layer in zip(names, layers)]
 
 
 def training_metrics(model, cfg: TVPConfig) -> dict:

@@ -26,6 +26,9 @@ from typing import Any, ClassVar
 from tvlens.errors import TvlensError
 
 REGISTRY: dict[str, type[MethodConfig]] = {}
+# modules whose import registers configs (imported on first lookup; emergence's TVPConfig
+# cannot be imported from here at import time without a cycle)
+PROVIDERS = ("tvlens.methods.configs", "tvlens.emergence.config")
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,19 @@ def register(cls: type[MethodConfig]) -> type[MethodConfig]:
     return cls
 
 
+def methods() -> list[str]:
+    """Every registered method name (the one vocabulary of ``--method`` values)."""
+    import importlib
+
+    for module in PROVIDERS:
+        importlib.import_module(module)
+    return sorted(REGISTRY)
+
+
 def get_config(method: str) -> type[MethodConfig]:
     """The config class of ``method`` (the one vocabulary of ``--method`` values)."""
+    if method not in REGISTRY:
+        methods()
     if method not in REGISTRY:
         raise TvlensError(f"unknown method {method!r}; use one of {', '.join(sorted(REGISTRY))}")
     return REGISTRY[method]

@@ -26,6 +26,7 @@ import torch
 
 import tvlens
 from tvlens.prompts import make_examples, tokenize
+from tvlens.runner import forward
 
 
 def injection_overhead(model, reps: int) -> dict:
@@ -37,14 +38,14 @@ def injection_overhead(model, reps: int) -> dict:
     plain, injected = [], []
     with torch.no_grad():
         for _ in range(3):  # warm-up
-            tvlens.forward(model, batch)
-            tvlens.forward(model, batch, hooks)
+            forward(model, batch)
+            forward(model, batch, hooks)
         for _ in range(reps):
             t = time.perf_counter()
-            tvlens.forward(model, batch)
+            forward(model, batch)
             plain.append(time.perf_counter() - t)
             t = time.perf_counter()
-            tvlens.forward(model, batch, hooks)
+            forward(model, batch, hooks)
             injected.append(time.perf_counter() - t)
     p, i = statistics.median(plain), statistics.median(injected)
     return {"batch": list(batch.input_ids.shape), "plain_ms": 1e3 * p, "injected_ms": 1e3 * i,

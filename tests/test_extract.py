@@ -16,11 +16,10 @@ from tvlens.extract import (
     layer_sweep,
     mean_head_outputs,
     shuffled_prompts,
-    top_heads,
     vanilla_task_vector,
 )
-from tvlens.extract.icl_tv import dummy_queries
-from tvlens.prompts import get_template
+from tvlens.prompts import get_template, sample_queries
+from tvlens.results import HeadTable
 from tvlens.tasks import Task
 
 
@@ -75,7 +74,7 @@ def _one_by_one(model, examples, template, hook_name):
 
 def test_icl_task_vector_is_mean_of_cached_residuals(tiny, ragged):
     tv = icl_task_vector(tiny, ragged, [0, 2], shots=3, n_prompts=7, batch_size=3, seed=4)
-    examples = make_examples(dummy_queries(ragged, 3, 7, 4), ragged.train, shots=3, seed=4)
+    examples = make_examples(sample_queries(ragged, 7, seed=4, shots=3), ragged.train, shots=3, seed=4)
     assert len({len(tokenize(tiny, [e]).input_ids[0]) for e in examples}) > 1  # really ragged
     for i, layer in enumerate([0, 2]):
         oracle = _one_by_one(tiny, examples, get_template("arrow"),
@@ -87,7 +86,7 @@ def test_icl_task_vector_is_mean_of_cached_residuals(tiny, ragged):
 def test_vanilla_is_icl_minus_zero_shot_mean(tiny, ragged):
     van = vanilla_task_vector(tiny, ragged, 1, shots=3, n_prompts=6, batch_size=4, seed=2)
     icl = icl_task_vector(tiny, ragged, 1, shots=3, n_prompts=6, batch_size=4, seed=2)
-    zero = make_examples(dummy_queries(ragged, 3, 6, 2), shots=0)
+    zero = make_examples(sample_queries(ragged, 6, seed=2, shots=3), shots=0)
     oracle = _one_by_one(tiny, zero, get_template("arrow"), "blocks.1.hook_resid_post").mean(0)
     torch.testing.assert_close(van.vectors[0, 0], icl.vectors[0, 0] - oracle, atol=1e-5, rtol=1e-5)
     assert van.mode == "add" and van.method == "vanilla"
@@ -95,7 +94,7 @@ def test_vanilla_is_icl_minus_zero_shot_mean(tiny, ragged):
 
 def test_mean_head_outputs_oracle(tiny, ragged):
     mz = mean_head_outputs(tiny, ragged, shots=2, n_prompts=5, template="qa", batch_size=2, seed=3)
-    examples = make_examples(dummy_queries(ragged, 2, 5, 3), ragged.train, shots=2, seed=3)
+    examples = make_examples(sample_queries(ragged, 5, seed=3, shots=2), ragged.train, shots=2, seed=3)
     for layer in range(3):
         oracle = _one_by_one(tiny, examples, get_template("qa"), f"blocks.{layer}.attn.hook_z").mean(0)
         torch.testing.assert_close(mz[layer], oracle, atol=1e-5, rtol=1e-5)
@@ -103,7 +102,7 @@ def test_mean_head_outputs_oracle(tiny, ragged):
 
 def test_shuffled_prompts_keep_inputs_and_permute_outputs(tiny, task):
     shuf = shuffled_prompts(tiny, task, shots=5, n_prompts=6, seed=7).examples
-    clean = make_examples(dummy_queries(task, 5, 6, 7), task.train, shots=5, seed=7)
+    clean = make_examples(sample_queries(task, 6, seed=7, shots=5), task.train, shots=5, seed=7)
     assert len(shuf) == len(clean) == 6
     for s, c in zip(shuf, clean):
         assert (s.x, s.y) == (c.x, c.y)
@@ -144,11 +143,11 @@ def test_native_model_keeps_no_kv_cache_so_auto_runs_full_forwards(tiny, ragged)
     (equal to the loop), True refuses with the reason and the way out."""
     import warnings
 
-    from tvlens.extract import fv
+    from tvlens import kv_cache
 
     mz = mean_head_outputs(tiny, ragged, shots=3, n_prompts=4, batch_size=4)
     batch = shuffled_prompts(tiny, ragged, shots=3, n_prompts=3, seed=1)
-    cache, form, why = fv._prefix_cache(tiny, batch.input_ids, batch.attention_mask)
+    cache, form, why = kv_cache._prefix_cache(tiny, batch.input_ids, batch.attention_mask)
     assert cache is None and form is None and "keeps no Hugging Face KV cache" in why
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -175,12 +174,12 @@ AIE_ATOL_F32 = 1e-6
 def test_kv_cached_indirect_effects_equal_loop_on_a_tiny_hf_llama(tiny_llama, ragged):
     import warnings
 
-    from tvlens.extract import fv
+    from tvlens import kv_cache
 
     mz = mean_head_outputs(tiny_llama, ragged, shots=3, n_prompts=4, batch_size=4)
     batch = shuffled_prompts(tiny_llama, ragged, shots=3, n_prompts=3, seed=1)
     assert batch.attention_mask.sum(1).unique().numel() > 1  # left padding exercised
-    cache, form, why = fv._prefix_cache(tiny_llama, batch.input_ids, batch.attention_mask)
+    cache, form, why = kv_cache._prefix_cache(tiny_llama, batch.input_ids, batch.attention_mask)
     assert cache is not None, why  # this transformers / TransformerLens pairing has a route
     assert [cache.get_seq_length(l) for l in range(3)] == [batch.input_ids.shape[1] - 1] * 3
     slow = indirect_effects_loop(tiny_llama, ragged, mz, batch=batch)
@@ -204,7 +203,7 @@ def test_a_kv_cache_without_the_prefix_is_refused_on_a_tiny_hf_llama(tiny_llama,
     here two ways; each check refuses it, and "auto" warns and equals the loop."""
     import transformers
 
-    from tvlens.extract import fv
+    from tvlens import kv_cache
 
     mz = mean_head_outputs(tiny_llama, ragged, shots=3, n_prompts=4, batch_size=4)
     batch = shuffled_prompts(tiny_llama, ragged, shots=3, n_prompts=3, seed=1)
@@ -218,9 +217,9 @@ def test_a_kv_cache_without_the_prefix_is_refused_on_a_tiny_hf_llama(tiny_llama,
         with pytest.warns(RuntimeWarning, match=r"prefix KV cache not used \(after the prefix"):
             auto = indirect_effects(tiny_llama, ragged, mz, batch=batch)
         torch.testing.assert_close(auto, slow, atol=AIE_ATOL_F32, rtol=0)
-    real = fv._cache_forms(fv._hf_model(tiny_llama))[-1]
+    real = kv_cache._cache_forms(kv_cache._hf_model(tiny_llama))[-1]
     with monkeypatch.context() as m:  # 2. a cache that passed the length check but is empty
-        m.setattr(fv, "_prefix_cache", lambda model, ids, mask: (
+        m.setattr(kv_cache, "_prefix_cache", lambda model, ids, mask: (
             transformers.DynamicCache(config=model.original_model.config), real, ""))
         with pytest.raises(TvlensError, match=r"last-token probabilities differ from a full "
                                               r"forward's by .*prefix_cache=False"):
@@ -293,7 +292,7 @@ def test_fv_of_a_whole_layer_is_its_mean_attention_output(tiny, task):
     aie = torch.full((3, 4), -1.0)
     aie[1] = 1.0  # top-4 heads = all heads of layer 1
     fv = function_vector(tiny, task, k=4, layer=0, shots=3, n_prompts=4, mean_z=mz, aie=aie)
-    examples = make_examples(dummy_queries(task, 3, 4, 0), task.train, shots=3, seed=0)
+    examples = make_examples(sample_queries(task, 4, seed=0, shots=3), task.train, shots=3, seed=0)
     oracle = _one_by_one(tiny, examples, get_template("qa"), "blocks.1.hook_attn_out").mean(0)
     torch.testing.assert_close(fv.vectors[0, 0], oracle, atol=1e-5, rtol=1e-5)
 
@@ -302,7 +301,7 @@ def test_bad_input(tiny, task):
     with pytest.raises(TvlensError, match="12 heads"):
         function_vector(tiny, task, k=13, mean_z=torch.zeros(3, 4, 8), aie=torch.zeros(3, 4))
     with pytest.raises(TvlensError, match="12 heads"):
-        top_heads(torch.zeros(3, 4), 0)
+        HeadTable(torch.zeros(3, 4), "indirect_effect").top(k=0)
     with pytest.raises(TvlensError, match="out of range"):
         icl_task_vector(tiny, task, 3)
     with pytest.raises(TvlensError, match="n_prompts"):
@@ -412,7 +411,7 @@ def test_a_kv_cache_without_the_prefix_is_refused_not_used(smol, monkeypatch):
     import transformers
 
     from tvlens import load_task
-    from tvlens.extract import fv
+    from tvlens import kv_cache
 
     task = load_task("capitalize")
     mz = mean_head_outputs(smol, task, shots=3, n_prompts=2)
@@ -427,8 +426,8 @@ def test_a_kv_cache_without_the_prefix_is_refused_not_used(smol, monkeypatch):
             auto = indirect_effects(smol, task, mz, batch=batch, heads=heads)
         torch.testing.assert_close(auto, slow, atol=1e-5, rtol=0, equal_nan=True)
     with monkeypatch.context() as m:  # an empty cache that passed the length check
-        form = fv._cache_forms(fv._hf_model(smol))[0]
-        m.setattr(fv, "_prefix_cache", lambda model, ids, mask:
+        form = kv_cache._cache_forms(kv_cache._hf_model(smol))[0]
+        m.setattr(kv_cache, "_prefix_cache", lambda model, ids, mask:
                   (transformers.DynamicCache(config=smol.original_model.config), form, ""))
         with pytest.raises(TvlensError, match="full forward's by"):
             indirect_effects(smol, task, mz, batch=batch, heads=heads, prefix_cache=True)

@@ -12,8 +12,12 @@ The vanilla vector subtracts the mean zero-shot residual of the same N dummy que
 
     θ_l = (1/N) Σ_i h_l(prompt_i)[last] − (1/N) Σ_i h_l(x_i)[last]         (vanilla)
 
-and is injected by **adding**. The dummy queries are train items, so no test item leaks
-into either vector.
+and is injected by **adding**. The dummy queries are train items
+(:func:`tvlens.prompts.sample_queries`), so no test item leaks into either vector. The
+prompts are one :class:`~tvlens.prompts.PromptSet`; the residuals are read by
+:func:`tvlens.runner.run` and summed in float32, chunk by chunk. Each vector records its
+:class:`~tvlens.methods.ICLTVConfig` / :class:`~tvlens.methods.VanillaConfig` (the
+template by name) as its ``hyperparameters``.
 """
 
 from __future__ import annotations
@@ -24,41 +28,37 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tvlens.activations import residuals
 from tvlens.errors import TvlensError
-from tvlens.injection import check_layer
+from tvlens.interventions import check_layer, resid_hook_name
+from tvlens.kv_cache import model_dtype
+from tvlens.methods import ICLTVConfig, VanillaConfig
 from tvlens.models.loading import fingerprint
-from tvlens.prompts import Example, Template, get_template, make_examples, tokenize
-from tvlens.tasks.task import Pair, Task
+from tvlens.prompts import PromptSet, sample_queries
+from tvlens.runner import run
+from tvlens.tasks.task import Task
+from tvlens.templates import Template, template_name
 from tvlens.vector import TaskVector
 
 
-def dummy_queries(task: Task, shots: int, n_prompts: int, seed: int) -> list[Pair]:
-    """``n_prompts`` train pairs drawn with replacement (seeded) to serve as dummy queries."""
-    train = task.train
-    if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
-        raise TvlensError(f"n_prompts must be a positive integer (prompts to average), got {n_prompts!r}")
-    if len(train) < shots + 1:
-        raise TvlensError(
-            f"task {task.name!r} has {len(train)} train items; {shots} shots need {shots + 1}; "
-            "use fewer shots or a larger task"
-        )
-    rng = torch.Generator().manual_seed(seed)
-    picks = torch.randint(0, len(train), (n_prompts,), generator=rng).tolist()
-    return [train[i] for i in picks]
-
-
-def mean_last_residual(model, examples: Sequence[Example], layers: Sequence[int],
-                       template: Template, batch_size: int) -> Float[Tensor, "layer d_model"]:
-    """(1/N) Σ_i h_l(prompt_i)[last] for every l in ``layers`` (float32 accumulation)."""
-    if batch_size <= 0:
-        raise TvlensError(f"batch_size must be positive, got {batch_size}")
+def chunk_sum(x: Float[Tensor, "n ..."], batch_size: int | None) -> Float[Tensor, "..."]:
+    """Σ over the first dimension in float32, ``batch_size`` rows at a time (the order in
+    which the sums were accumulated when each chunk was its own forward)."""
+    step = len(x) if batch_size is None else batch_size
     total = None
-    for start in range(0, len(examples), batch_size):
-        batch = tokenize(model, examples[start : start + batch_size], template)
-        resid = residuals(model, batch, layers, "last").float().sum(dim=0)  # [L, d_model]
-        total = resid if total is None else total + resid
-    return total / len(examples)
+    for start in range(0, len(x), step):
+        part = x[start : start + step].float().sum(dim=0)
+        total = part if total is None else total + part
+    return total
+
+
+def mean_last_residual(model, prompts: PromptSet, layers: Sequence[int],
+                       batch_size: int | None = 16) -> Float[Tensor, "layer d_model"]:
+    """(1/N) Σ_i h_l(prompt_i)[last] for every l in ``layers`` (float32 accumulation)."""
+    names = [resid_hook_name(layer) for layer in layers]
+    out = run(model, prompts, capture=names, capture_at="last", logits=None,
+              batch_size=batch_size, desc="residuals")
+    resid = torch.stack([out.captured[n] for n in names], dim=1)  # [N, L, d_model]
+    return chunk_sum(resid, batch_size) / len(prompts)
 
 
 def _layers(model, layers) -> list[int]:
@@ -70,8 +70,11 @@ def _layers(model, layers) -> list[int]:
     return out
 
 
-def _dtype(model):
-    return getattr(model.cfg, "dtype", torch.float32) or torch.float32
+def _prompts(model, task: Task, cfg, template, *, shots: int) -> PromptSet:
+    """The ``cfg.n_prompts`` dummy queries of ``cfg.seed`` with ``shots`` demonstrations."""
+    queries = sample_queries(task, cfg.n_prompts, seed=cfg.seed, shots=cfg.shots)
+    return PromptSet.build(model, task, queries=queries, shots=shots, template=template,
+                           seed=cfg.seed)
 
 
 @torch.no_grad()
@@ -93,23 +96,23 @@ def icl_task_vector(
         shots: K demonstrations per prompt (Hendel: 5).
         n_prompts: N prompts averaged (dummy queries drawn from the train split).
         seed: prompt sampling seed.
+        batch_size: prompts per forward (bounds memory; not part of the config).
 
     Returns:
         A replace-mode :class:`TaskVector` at position ``"last"``, ``[L, 1, d_model]``.
     """
     layers = _layers(model, layers)
-    template = get_template(template)
-    queries = dummy_queries(task, shots, n_prompts, seed)
-    examples = make_examples(queries, task.train, shots=shots, seed=seed)
-    mean = mean_last_residual(model, examples, layers, template, batch_size).to(_dtype(model))
+    cfg = ICLTVConfig(shots=shots, n_prompts=n_prompts, template=template_name(template), seed=seed)
+    mean = mean_last_residual(model, _prompts(model, task, cfg, template, shots=shots), layers,
+                              batch_size)
     return TaskVector(
-        vectors=mean.unsqueeze(1),
+        vectors=mean.to(model_dtype(model)).unsqueeze(1),
         layers=tuple(layers),
         positions=("last",),
         model=fingerprint(model),
         mode="replace",
-        method="icl-tv",
-        hyperparameters={"shots": shots, "n_prompts": n_prompts, "template": template.demo, "seed": seed},
+        method=cfg.method,
+        hyperparameters=cfg.to_dict(),
         task=task.name,
     )
 
@@ -136,19 +139,18 @@ def vanilla_task_vector(
         An add-mode :class:`TaskVector` at position ``"last"``, ``[L, 1, d_model]``.
     """
     layers = _layers(model, layers)
-    template = get_template(template)
-    queries = dummy_queries(task, shots, n_prompts, seed)
-    icl = make_examples(queries, task.train, shots=shots, seed=seed)
-    zero = make_examples(queries, shots=0)
-    diff = (mean_last_residual(model, icl, layers, template, batch_size)
-            - mean_last_residual(model, zero, layers, template, batch_size))
+    cfg = VanillaConfig(shots=shots, n_prompts=n_prompts, template=template_name(template), seed=seed)
+    icl = _prompts(model, task, cfg, template, shots=shots)
+    zero = _prompts(model, task, cfg, template, shots=0)
+    diff = (mean_last_residual(model, icl, layers, batch_size)
+            - mean_last_residual(model, zero, layers, batch_size))
     return TaskVector(
-        vectors=diff.to(_dtype(model)).unsqueeze(1),
+        vectors=diff.to(model_dtype(model)).unsqueeze(1),
         layers=tuple(layers),
         positions=("last",),
         model=fingerprint(model),
         mode="add",
-        method="vanilla",
-        hyperparameters={"shots": shots, "n_prompts": n_prompts, "template": template.demo, "seed": seed},
+        method=cfg.method,
+        hyperparameters=cfg.to_dict(),
         task=task.name,
     )

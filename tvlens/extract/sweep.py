@@ -10,6 +10,9 @@ Vectors are computed once for all layers: ICL-TV and vanilla read every layer's
 residual in the same forwards; the FV (built from heads, whatever the layer) is only
 moved from layer to layer.
 
+The defaults (K, template) are the method configs' (:mod:`tvlens.methods.configs`, the one
+table of per-method conventions); :data:`METHOD_DEFAULTS` is derived from them:
+
 =========  =========  =====  ========  =====================================
 method     mode       K      template  vector
 =========  =========  =====  ========  =====================================
@@ -31,16 +34,19 @@ from tvlens.errors import TvlensError
 from tvlens.evaluation import EvalResult, evaluate
 from tvlens.extract.fv import function_vector
 from tvlens.extract.icl_tv import icl_task_vector, vanilla_task_vector
-from tvlens.injection import check_layer
+from tvlens.interventions import check_layer
+from tvlens.methods import FVConfig, ICLTVConfig, VanillaConfig
 from tvlens.models.loading import fingerprint
-from tvlens.prompts import answer_token_ids, get_template
+from tvlens.prompts import answer_token_ids
+from tvlens.results import LayerCurve
+from tvlens.stats import Accuracy, accuracy
 from tvlens.tasks.task import Task
+from tvlens.templates import get_template, template_name
 from tvlens.vector import TaskVector
 
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "icl-tv": {"shots": 5, "template": "arrow"},
-    "vanilla": {"shots": 5, "template": "arrow"},
-    "fv": {"shots": 10, "template": "qa"},
+    cfg.method: {"shots": cfg().shots, "template": cfg().template}
+    for cfg in (ICLTVConfig, VanillaConfig, FVConfig)
 }
 
 
@@ -50,16 +56,24 @@ def check_method(method: str) -> str:
     return method
 
 
+def _defaults(method: str, shots, template):
+    """``(shots, template)`` with the method's defaults filled in (template kept as given)."""
+    check_method(method)
+    shots = METHOD_DEFAULTS[method]["shots"] if shots is None else shots
+    template = template or METHOD_DEFAULTS[method]["template"]
+    get_template(template)  # an unknown name fails here, listing the names
+    return shots, template
+
+
 def vectors_by_layer(model, task: Task, method: str, layers: Sequence[int], *,
                      shots: int | None = None, template=None, n_prompts: int = 32, k: int = 10,
                      n_ie_prompts: int = 16, seed: int = 0) -> dict[int, TaskVector]:
     """One single-layer :class:`TaskVector` per layer of ``layers`` for ``method``."""
-    check_method(method)
-    shots = METHOD_DEFAULTS[method]["shots"] if shots is None else shots
-    template = get_template(template or METHOD_DEFAULTS[method]["template"])
+    shots, template = _defaults(method, shots, template)
     layers = [check_layer(model, layer) for layer in layers]
     if not layers:
         raise TvlensError("no layers to sweep; give at least one layer")
+    # TODO(issue 12): slice with TaskVector.select(layers=...) once it lands
     if method == "fv":
         fv = function_vector(model, task, k, layer=layers[0], shots=shots, n_prompts=n_prompts,
                              n_ie_prompts=n_ie_prompts, template=template, seed=seed)
@@ -83,53 +97,56 @@ def check_first_token_scorable(model, task: Task, template, split: str = "test")
         )
 
 
-def _row(r: EvalResult, metric: str) -> tuple[float, float, float]:
+def _row(r: EvalResult, metric: str) -> Accuracy:
     if metric == "exact_match":
-        from tvlens.scoring import bootstrap_ci
-        x = r.records["exact_match"].to_numpy(dtype=float)
-        lo, hi = bootstrap_ci(x)
-        return float(x.mean()), lo, hi
-    return r.accuracy, r.ci_low, r.ci_high
+        return accuracy(r.records["exact_match"].to_numpy(dtype=float))
+    return r.interval
 
 
-@dataclass
-class LayerSweep:
-    """Accuracy by layer (``curve``: layer, accuracy, ci_low, ci_high, n) and references."""
+@dataclass(kw_only=True)
+class LayerSweep(LayerCurve):
+    """Accuracy by layer of one method's vector, with the zero-shot and ICL references.
 
-    method: str
+    A :class:`~tvlens.results.LayerCurve` (``name`` is the method; ``rows``; references
+    ``"zero-shot"`` and ``"ICL (K-shot)"``) that also keeps where it was measured and the
+    vectors. ``curve`` is ``to_frame()``: layer, accuracy, ci_low, ci_high, n.
+    """
+
     task: str
     model: str
     split: str
     shots: int
-    curve: pd.DataFrame
-    zero_shot: tuple[float, float, float]
-    icl: tuple[float, float, float]
+    template: str
     metric: str = "first_token"
     vectors: dict[int, TaskVector] = field(default_factory=dict, repr=False)
 
     @property
-    def best_layer(self) -> int:
-        """The layer of highest accuracy (the earliest among ties)."""
-        c = self.curve
-        return int(c.loc[c["accuracy"].idxmax(), "layer"])
+    def method(self) -> str:
+        return self.name
+
+    @property
+    def curve(self) -> pd.DataFrame:
+        return self.to_frame()
+
+    @property
+    def zero_shot(self) -> tuple[float, float, float]:
+        return self.references["zero-shot"].as_tuple()
+
+    @property
+    def icl(self) -> tuple[float, float, float]:
+        return self.references[f"ICL ({self.shots}-shot)"].as_tuple()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method, "task": self.task, "model": self.model, "split": self.split,
-            "shots": self.shots, "metric": self.metric, "best_layer": self.best_layer,
-            "zero_shot": list(self.zero_shot), "icl": list(self.icl),
-            "curve": self.curve.to_dict(orient="records"),
+            "shots": self.shots, "template": self.template, "metric": self.metric,
+            "best_layer": self.best_layer, "zero_shot": list(self.zero_shot),
+            "icl": list(self.icl), "curve": self.to_frame().to_dict(orient="records"),
         }
 
     def figure(self, title: str | None = None):
         """Plotly figure via ``tvlens.plots.accuracy_by_layer``."""
-        from tvlens import plots
-
-        return plots.accuracy_by_layer(
-            {self.method: self.curve},
-            {"zero-shot": self.zero_shot, f"ICL ({self.shots}-shot)": self.icl},
-            title=title or f"{self.method} on {self.task} ({self.model}, {self.split})",
-        )
+        return super().figure(title or f"{self.method} on {self.task} ({self.model}, {self.split})")
 
 
 def layer_sweep(model, task: Task, method: str, layers: Sequence[int] | None = None, *,
@@ -145,8 +162,7 @@ def layer_sweep(model, task: Task, method: str, layers: Sequence[int] | None = N
     check_method(method)
     if metric not in ("first_token", "exact_match"):
         raise TvlensError(f"unknown metric {metric!r}; use 'first_token' or 'exact_match'")
-    shots = METHOD_DEFAULTS[method]["shots"] if shots is None else shots
-    template = get_template(template or METHOD_DEFAULTS[method]["template"])
+    shots, template = _defaults(method, shots, template)
     layers = list(range(int(model.cfg.n_layers))) if layers is None else list(layers)
     if metric == "first_token":
         check_first_token_scorable(model, task, template, split)
@@ -159,12 +175,14 @@ def layer_sweep(model, task: Task, method: str, layers: Sequence[int] | None = N
     rows = []
     for layer in layers:
         r = evaluate(model, task, vector=vectors[layer], **kw)
-        acc, lo, hi = _row(r, metric)
-        rows.append({"layer": layer, "accuracy": acc, "ci_low": lo, "ci_high": hi, "n": r.n})
-    zero = _row(evaluate(model, task, shots=0, **kw), metric)
-    icl = _row(evaluate(model, task, shots=shots, **kw), metric)
-    return LayerSweep(method, task.name, fingerprint(model).name, split, shots,
-                      pd.DataFrame(rows), zero, icl, metric, vectors)
+        acc = _row(r, metric)
+        rows.append({"layer": layer, "accuracy": acc.value, "ci_low": acc.ci_low,
+                     "ci_high": acc.ci_high, "n": r.n})
+    references = {"zero-shot": _row(evaluate(model, task, shots=0, **kw), metric),
+                  f"ICL ({shots}-shot)": _row(evaluate(model, task, shots=shots, **kw), metric)}
+    return LayerSweep(name=method, rows=rows, references=references, task=task.name,
+                      model=fingerprint(model).name, split=split, shots=shots,
+                      template=template_name(template), metric=metric, vectors=vectors)
 
 
 @dataclass
@@ -184,7 +202,8 @@ class Extraction:
         out = {"method": self.method, "task": self.vector.task, "model": self.vector.model.name,
                "layer": self.layer, "accuracy": self.test[0], "ci_low": self.test[1],
                "ci_high": self.test[2], "zero_shot": self.zero_shot[0], "icl": self.icl[0],
-               "n": self.n, "shots": self.vector.hyperparameters.get("shots")}
+               "n": self.n, "shots": self.vector.hyperparameters.get("shots"),
+               "template": self.vector.template}
         if self.method == "fv":
             out["heads"] = self.vector.history["heads"]
         if self.sweep is not None:
@@ -197,9 +216,7 @@ def extract(model, task: Task, method: str, *, layer: int | str = "auto", shots:
             n: int | None = None, n_dev: int | None = None, batch_size: int = 16, seed: int = 0,
             metric: str = "first_token") -> Extraction:
     """Make ``method``'s vector at ``layer`` (``"auto"``: best on dev) and score it on test."""
-    check_method(method)
-    shots = METHOD_DEFAULTS[method]["shots"] if shots is None else shots
-    template = get_template(template or METHOD_DEFAULTS[method]["template"])
+    shots, template = _defaults(method, shots, template)
     common = dict(shots=shots, template=template, n_prompts=n_prompts, k=k,
                   n_ie_prompts=n_ie_prompts, seed=seed)
     sweep = None
@@ -218,5 +235,3 @@ def extract(model, task: Task, method: str, *, layer: int | str = "auto", shots:
     row = one.curve.iloc[0]
     return Extraction(vec, method, layer, (float(row.accuracy), float(row.ci_low), float(row.ci_high)),
                       one.zero_shot, one.icl, int(row.n), sweep)
-
-

@@ -147,7 +147,7 @@ def test_native_model_keeps_no_kv_cache_so_auto_runs_full_forwards(tiny, ragged)
 
     mz = mean_head_outputs(tiny, ragged, shots=3, n_prompts=4, batch_size=4)
     batch = shuffled_prompts(tiny, ragged, shots=3, n_prompts=3, seed=1)
-    cache, form, why = kv_cache._prefix_cache(tiny, batch.input_ids, batch.attention_mask)
+    cache, form, why = kv_cache.prefix_cache(tiny, batch.input_ids, batch.attention_mask)
     assert cache is None and form is None and "keeps no Hugging Face KV cache" in why
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -179,7 +179,7 @@ def test_kv_cached_indirect_effects_equal_loop_on_a_tiny_hf_llama(tiny_llama, ra
     mz = mean_head_outputs(tiny_llama, ragged, shots=3, n_prompts=4, batch_size=4)
     batch = shuffled_prompts(tiny_llama, ragged, shots=3, n_prompts=3, seed=1)
     assert batch.attention_mask.sum(1).unique().numel() > 1  # left padding exercised
-    cache, form, why = kv_cache._prefix_cache(tiny_llama, batch.input_ids, batch.attention_mask)
+    cache, form, why = kv_cache.prefix_cache(tiny_llama, batch.input_ids, batch.attention_mask)
     assert cache is not None, why  # this transformers / TransformerLens pairing has a route
     assert [cache.get_seq_length(l) for l in range(3)] == [batch.input_ids.shape[1] - 1] * 3
     slow = indirect_effects_loop(tiny_llama, ragged, mz, batch=batch)
@@ -217,9 +217,9 @@ def test_a_kv_cache_without_the_prefix_is_refused_on_a_tiny_hf_llama(tiny_llama,
         with pytest.warns(RuntimeWarning, match=r"prefix KV cache not used \(after the prefix"):
             auto = indirect_effects(tiny_llama, ragged, mz, batch=batch)
         torch.testing.assert_close(auto, slow, atol=AIE_ATOL_F32, rtol=0)
-    real = kv_cache._cache_forms(kv_cache._hf_model(tiny_llama))[-1]
+    real = kv_cache.cache_forms(kv_cache.hf_model(tiny_llama))[-1]
     with monkeypatch.context() as m:  # 2. a cache that passed the length check but is empty
-        m.setattr(kv_cache, "_prefix_cache", lambda model, ids, mask: (
+        m.setattr(kv_cache, "prefix_cache", lambda model, ids, mask: (
             transformers.DynamicCache(config=model.original_model.config), real, ""))
         with pytest.raises(TvlensError, match=r"last-token probabilities differ from a full "
                                               r"forward's by .*prefix_cache=False"):
@@ -426,8 +426,8 @@ def test_a_kv_cache_without_the_prefix_is_refused_not_used(smol, monkeypatch):
             auto = indirect_effects(smol, task, mz, batch=batch, heads=heads)
         torch.testing.assert_close(auto, slow, atol=1e-5, rtol=0, equal_nan=True)
     with monkeypatch.context() as m:  # an empty cache that passed the length check
-        form = kv_cache._cache_forms(kv_cache._hf_model(smol))[0]
-        m.setattr(kv_cache, "_prefix_cache", lambda model, ids, mask:
+        form = kv_cache.cache_forms(kv_cache.hf_model(smol))[0]
+        m.setattr(kv_cache, "prefix_cache", lambda model, ids, mask:
                   (transformers.DynamicCache(config=smol.original_model.config), form, ""))
         with pytest.raises(TvlensError, match="full forward's by"):
             indirect_effects(smol, task, mz, batch=batch, heads=heads, prefix_cache=True)

@@ -25,7 +25,7 @@ This needs a bridge over a Hugging Face model (``model.original_model`` a
 Whatever route is used, it is checked before use: every layer of the cache must hold
 exactly the prefix length (``ids.shape[1] - 1``) of positions, and the unpatched
 cached last-token distribution must equal a full forward's within
-:func:`_cache_check_atol` (1e-4 in float32). If a check fails, ``prefix_cache=True``
+:func:`cache_check_atol` (1e-4 in float32). If a check fails, ``prefix_cache=True``
 raises :class:`TvlensError`; ``"auto"`` warns (``RuntimeWarning``) and runs full
 forwards. Tested with TransformerLens 4.3.0 on transformers 5.23.0 (``past_key_values``)
 and 5.24.0 (``cache`` + ``layer_past``), on SmolLM2-135M (Llama). Native bridges
@@ -48,7 +48,7 @@ def model_dtype(model) -> torch.dtype:
     return getattr(model.cfg, "dtype", torch.float32) or torch.float32
 
 
-def _hf_model(model):
+def hf_model(model):
     """The Hugging Face model under a bridge, or None (native and other backends)."""
     try:
         from transformers import PreTrainedModel
@@ -58,7 +58,7 @@ def _hf_model(model):
     return hf if isinstance(hf, PreTrainedModel) else None
 
 
-def _cache_forms(hf) -> list[Callable[[Any], dict]]:
+def cache_forms(hf) -> list[Callable[[Any], dict]]:
     """Ways to hand a cache to the bridge, in order of preference (module docstring)."""
     params = inspect.signature(hf.forward).parameters
     if "past_key_values" in params:  # transformers <= 5.23: the bridge's documented kwarg
@@ -70,7 +70,7 @@ def _cache_forms(hf) -> list[Callable[[Any], dict]]:
     return []
 
 
-def _cache_check_atol(model) -> float:
+def cache_check_atol(model) -> float:
     """Largest |p_cached − p_full| over the vocabulary accepted for the unpatched last token.
 
     Cached and full forwards differ only in float reduction order. In float32, SmolLM2's
@@ -86,18 +86,18 @@ def _cache_check_atol(model) -> float:
     return 1e-4 if bits >= 32 else 5e-2
 
 
-def _prefix_cache(model, ids: Tensor,
+def prefix_cache(model, ids: Tensor,
                   mask: Tensor) -> tuple[Any, Callable[[Any], dict] | None, str]:
     """Run the prefix ``ids[:, :-1]`` once into a KV cache.
 
     Returns ``(cache, form, "")`` where ``form(cache)`` gives the forward kwargs, or
     ``(None, None, why)`` when no route fills the cache with exactly the prefix.
     """
-    hf = _hf_model(model)
+    hf = hf_model(model)
     if hf is None:
         name = type(getattr(model, "original_model", model)).__name__
         return None, None, f"this model ({name}) keeps no Hugging Face KV cache"
-    forms = _cache_forms(hf)
+    forms = cache_forms(hf)
     if not forms:
         return None, None, (f"{type(hf).__name__}.forward takes neither `past_key_values` nor "
                             "`cache`, so it has no KV cache tvlens knows how to pass")
@@ -149,16 +149,16 @@ class PrefixCache:
 
 def checked_prefix_cache(model, ids: Tensor, mask: Tensor) -> tuple[PrefixCache | None, Tensor | None, str]:
     """A :class:`PrefixCache` whose unpatched last-token distribution matches a full
-    forward's within :func:`_cache_check_atol`, with those cached last logits; or
+    forward's within :func:`cache_check_atol`, with those cached last logits; or
     ``(None, None, why)``."""
-    cache, form, why = _prefix_cache(model, ids, mask)
+    cache, form, why = prefix_cache(model, ids, mask)
     if cache is None:
         return None, None, why
     pc = PrefixCache(model, ids, mask, cache, form)
     full = model(ids, attention_mask=mask)[:, -1].float().softmax(-1)
     base = pc.last_logits(1, [])
     diff = float((base.float().softmax(-1) - full).abs().max())
-    atol = _cache_check_atol(model)
+    atol = cache_check_atol(model)
     if not diff <= atol:
         return None, None, (f"with the KV cache the unpatched last-token probabilities differ from "
                             f"a full forward's by {diff:.2g} (> {atol:g} allowed in {model_dtype(model)})")
@@ -166,4 +166,4 @@ def checked_prefix_cache(model, ids: Tensor, mask: Tensor) -> tuple[PrefixCache 
 
 
 def has_hf_model(model) -> bool:
-    return _hf_model(model) is not None
+    return hf_model(model) is not None

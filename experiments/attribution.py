@@ -14,13 +14,13 @@ Prints one summary line per analysis and writes everything to --out (JSON).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 import tvlens
 from tvlens.attribution import geometry_sweep, key_head_analysis, reinjection_test
+from tvlens.io import versions, write_json
 
 
 def vectors_for(model, task, layer: int, learn: bool, template: str) -> dict:
@@ -55,20 +55,22 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = tvlens.load_model(progress=False)
-    results = {"args": vars(args), "tasks": {}}
+    results = {"args": vars(args), "versions": versions(), "tasks": {}}
     for name in args.tasks:
         task = tvlens.load_task(name)
         res = results["tasks"][name] = {}
         for kind, vec in vectors_for(model, task, args.layer, not args.no_learn, args.template).items():
             t0 = time.time()
-            ov = reinjection_test(model, task, vec, n=args.n, template=args.template)
+            ov = reinjection_test(model, task, vec, n=args.n, template=args.template).to_dict()
             ov.pop("dla_packaged")
-            kh = key_head_analysis(model, task, vec, n=min(args.n, 16), template=args.template)
+            kh = key_head_analysis(model, task, vec, n=min(args.n, 16), template=args.template).to_dict()
             prof = torch.tensor(kh["saliency"]).sum(1).tolist()
             kh_small = {k: v for k, v in kh.items() if k not in ("saliency", "attribution", "ground_truth")}
             kh_small["layer_profile"] = prof
             res[kind] = {"ov": ov, "key_heads": kh_small}
+            lo, hi = ov["vector_ci"]
             print(f"{name:16s} {kind:6s} zero-shot {ov['zero_shot']:.2f} vector {ov['vector_accuracy']:.2f} "
+                  f"[{lo:.2f}, {hi:.2f}] "
                   f"| OV weighted {ov['ov_weighted_accuracy']:.2f} ({ov['ov_weighted_recovery']:.2f}) "
                   f"packaged {ov['ov_packaged_accuracy']:.2f} ({ov['ov_packaged_recovery']:.2f}) "
                   f"MLP {ov['mlp_accuracy']:.2f} ({ov['mlp_recovery']:.2f})", flush=True)
@@ -92,8 +94,7 @@ def main() -> None:
                       f"{lens['theta']['alignment']:.2f} Qθ {lens['Q_theta']['alignment']:.2f} Wθ "
                       f"{lens['W_theta']['alignment']:.2f}", flush=True)
             print(f"  ({time.time() - t0:.0f}s)", flush=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, default=str, indent=1)
+    write_json(args.out, results)
     print("wrote", args.out)
 
 

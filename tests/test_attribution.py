@@ -12,14 +12,24 @@ import tvlens
 from tvlens import TaskVector, TvlensError
 from tvlens.activations import capture
 from tvlens.attribution import (
-    ablate_heads, ablation_effects, ablation_hooks, final_change, fit_linear_map, head_means,
-    head_saliency, key_head_analysis, ov_decomposition, polar, reinjection_test,
-    rotation_scaling, top_heads,
+    ablate_heads, ablation_effects, final_change, fit_linear_map, head_means, head_saliency,
+    key_head_analysis, ov_decomposition, parse_heads, polar, reinjection_test, rotation_scaling,
+    top_heads,
 )
-from tvlens.attribution._common import all_heads, answer_prob, parse_heads, query_batch
-from tvlens.prompts import make_examples, tokenize
-from tvlens.scoring import last_token_logits
+from tvlens.heads import all_heads
+from tvlens.interventions import HeadPatch
+from tvlens.prompts import PromptSet, make_examples, tokenize
+from tvlens.runner import answer_probs as answer_prob
+from tvlens.runner import last_token_logits
 from tvlens.tasks import Task
+
+
+def prompt_batch(model, task, **kwargs):
+    return PromptSet.build(model, task, **kwargs).batch
+
+
+def patch_hooks(model, batch, heads, mode="zero", means=None):
+    return HeadPatch.ablation(model, heads, mode, means).hooks(model, batch)
 
 
 def _vec(model, layer, position="last", mode="add", scale=1.0, seed=1):
@@ -29,7 +39,7 @@ def _vec(model, layer, position="last", mode="add", scale=1.0, seed=1):
 
 
 def _batch(model, task, n=4, shots=2):
-    return query_batch(model, task, n=n, shots=shots)
+    return prompt_batch(model, task, n=n, shots=shots)
 
 
 def _decomposition_sums_back(model, batch, vec, atol):
@@ -126,13 +136,13 @@ def test_no_ablation_and_self_mean_ablation_reproduce_baseline(tiny, task):
     hooks = vec.hooks(tiny, batch)
     with torch.no_grad():
         base = last_token_logits(tiny, batch, hooks)
-        none = last_token_logits(tiny, batch, hooks + ablation_hooks(tiny, batch, [], "zero"))
+        none = last_token_logits(tiny, batch, hooks + patch_hooks(tiny, batch, [], "zero"))
         means = head_means(tiny, batch, vec)  # one prompt: the mean is its own value
-        self_mean = last_token_logits(tiny, batch, hooks + ablation_hooks(
+        self_mean = last_token_logits(tiny, batch, hooks + patch_hooks(
             tiny, batch, [(0, 0), (1, 2), (2, 3)], "mean", means))
-        zero = last_token_logits(tiny, batch, hooks + ablation_hooks(tiny, batch, [(1, 2)], "zero"))
+        zero = last_token_logits(tiny, batch, hooks + patch_hooks(tiny, batch, [(1, 2)], "zero"))
     # no heads: exact by construction, nothing is hooked, so the forward is the baseline's
-    assert ablation_hooks(tiny, batch, [], "zero") == []
+    assert patch_hooks(tiny, batch, [], "zero") == []
     # a one-prompt mean is the prompt's own z (x/1 == x), written back by the replace;
     # float32 logits of magnitude ~5: 1e-6 is a few eps of them (the bits should agree)
     torch.testing.assert_close(self_mean, base, atol=1e-6, rtol=0)
@@ -145,7 +155,7 @@ def test_zero_ablating_a_head_changes_only_what_flows_through_it(tiny, task):
     names = ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z", "blocks.1.hook_resid_mid"]
     with torch.no_grad():
         a = capture(tiny, batch, names)
-        b = capture(tiny, batch, names, ablation_hooks(tiny, batch, [(1, 2)], "zero"))
+        b = capture(tiny, batch, names, patch_hooks(tiny, batch, [(1, 2)], "zero"))
     rows, q = torch.arange(len(batch)), batch.position_index("last")
     # Bit-exact where nothing was computed differently: the two forwards have the same
     # batch shape, resid_pre of block 1 lies upstream of the hook, and z is read at the
@@ -170,14 +180,14 @@ def test_zero_ablating_a_head_changes_only_what_flows_through_it(tiny, task):
 
 def _ablation_one_at_a_time(model, batch, vec, heads, mode, atol):
     """The batched ground truth (heads stacked along the batch) against one forward per head."""
-    gt = ablation_effects(model, batch, vec, mode=mode, heads_per_forward=3, heads=heads)
+    gt = ablation_effects(model, batch, vec, mode=mode, batch_size=3 * len(batch), heads=heads)
     means = head_means(model, batch, vec)
     vh = [] if vec is None else vec.hooks(model, batch)
     with torch.no_grad():
         base = answer_prob(last_token_logits(model, batch, vh), batch)
         ref = []
         for layer, h in heads:
-            hooks = vh + ablation_hooks(model, batch, [(layer, h)], mode, means)
+            hooks = vh + patch_hooks(model, batch, [(layer, h)], mode, means)
             p = answer_prob(last_token_logits(model, batch, hooks), batch)
             ref.append((base - p).abs().mean())
     got = torch.stack([gt[layer, h] for layer, h in heads])
@@ -195,7 +205,7 @@ def test_batched_exhaustive_ablation_equals_one_at_a_time(tiny, task):
         # rows): reordered reductions move them by a few eps; 1e-6 is ~8 eps
         gt = _ablation_one_at_a_time(tiny, batch, vec, heads, mode, atol=1e-6)
         assert torch.isnan(gt[1, 0])  # a head not asked for is not reported
-    full = ablation_effects(tiny, batch, vec, heads_per_forward=5)  # every head, other chunks
+    full = ablation_effects(tiny, batch, vec, batch_size=5 * len(batch))  # every head, other chunks
     assert not torch.isnan(full).any()
     idx = tuple(torch.tensor(heads).T)
     torch.testing.assert_close(full[idx], gt[idx], atol=1e-6, rtol=0)
@@ -204,7 +214,7 @@ def test_batched_exhaustive_ablation_equals_one_at_a_time(tiny, task):
 @pytest.mark.slow
 def test_batched_ablation_equals_one_at_a_time_on_smollm2(smol):
     task = tvlens.load_task("antonym")
-    batch = query_batch(smol, task, n=2, shots=3)  # ICL prompts: p(answer) is large
+    batch = prompt_batch(smol, task, n=2, shots=3)  # ICL prompts: p(answer) is large
     heads = [(0, 0), (11, 4), (15, 8), (22, 1), (27, 5)]
     for mode in ("zero", "mean"):
         # 30 float32 blocks, forwards of 6 vs 2 rows: p moves by ~1e-6; 1e-5 leaves room
@@ -220,23 +230,11 @@ def _red_task_and_vector(model, task, alpha):
     return red, TaskVector.single(model, alpha * u / u.norm(), 0)
 
 
-class _WithAblation:
-    """An intervention for ``evaluate``: the vector plus zero ablation of ``heads``."""
-
-    method = "ablated"
-
-    def __init__(self, vector, heads):
-        self.vector, self.heads = vector, heads
-
-    def hooks(self, model, batch):
-        return self.vector.hooks(model, batch) + ablation_hooks(model, batch, self.heads, "zero")
-
-
 def test_key_head_analysis_and_ablate_heads(tiny, task):
-    from scipy import stats
+    import random
 
     red, vec = _red_task_and_vector(tiny, task, 2.5)
-    out = key_head_analysis(tiny, red, vec, percent=25, n=8, random_control=4)
+    out = key_head_analysis(tiny, red, vec, percent=25, n=8, random_control=4).to_dict()
     keys = [tuple(h) for h in out["key_heads"]]
     assert len(set(keys)) == 3  # 25% of 12 heads
     sal = torch.tensor(out["saliency"])
@@ -244,34 +242,46 @@ def test_key_head_analysis_and_ablate_heads(tiny, task):
     assert min(sal[layer, h] for layer, h in keys) >= max(others)  # the most salient heads
     assert -1 <= out["spearman"] <= 1 and 0 <= out["top_overlap"] <= 1
     # the accuracies, recomputed through evaluate (its own batching and scoring)
-    assert out["baseline_accuracy"] == pytest.approx(tvlens.evaluate(tiny, red, vector=vec, n=8).accuracy)
-    ablated = tvlens.evaluate(tiny, red, vector=_WithAblation(vec, keys), n=8).accuracy
-    assert out["ablate_key_accuracy"] == pytest.approx(ablated)
+    base = tvlens.evaluate(tiny, red, vector=vec, n=8)
+    assert out["baseline_accuracy"] == pytest.approx(base.accuracy)
+    assert out["baseline_ci"] == pytest.approx([base.ci_low, base.ci_high], abs=1e-12)
+    ablated = tvlens.evaluate(tiny, red, vector=vec + HeadPatch.zero(tiny, keys), n=8)
+    assert out["ablate_key_accuracy"] == pytest.approx(ablated.accuracy)
+    assert out["ablate_key_ci"] == pytest.approx([ablated.ci_low, ablated.ci_high], abs=1e-12)
+    assert out["template"] == "arrow"  # the vector names no format: the default
     assert out["ablate_key_accuracy"] < out["baseline_accuracy"]  # these heads carry the vector
-    # the random-set interval: a 95% t interval over the draws, from scipy's own formula
+    # the random sets redrawn here (seeded: 3 heads from the 9 others, 4 times) and scored
+    # by evaluate; the interval is the bootstrap over prompts of the fraction of draws
+    # that answer each prompt correctly (tvlens.stats.accuracy)
     r = out["ablation"]["zero"]["random_accuracies"]
     assert len(r) == 4 and all(float(8 * a).is_integer() and 0 <= a <= 1 for a in r)
     assert r != [r[0]] * 4, "the draws should differ for this check"
-    expect = stats.t.interval(0.95, len(r) - 1, loc=np.mean(r), scale=stats.sem(r))
-    assert out["ablate_random_ci"] == pytest.approx(list(expect), abs=1e-12)
+    rng = random.Random(0)
+    pool = [hd for hd in all_heads(tiny) if hd not in set(keys)]
+    correct = np.stack([tvlens.evaluate(tiny, red, vector=vec + HeadPatch.zero(tiny, rng.sample(pool, 3)),
+                                        n=8).records["correct"].to_numpy(dtype=float) for _ in range(4)])
+    assert r == pytest.approx(correct.mean(1).tolist(), abs=1e-12)
+    expect = tvlens.stats.accuracy(correct.mean(0), seed=0)
+    assert out["ablate_random_ci"] == pytest.approx([expect.ci_low, expect.ci_high], abs=1e-12)
     assert out["ablate_random_accuracy"] == pytest.approx(np.mean(r), abs=1e-12)
+    assert expect.ci_low <= out["ablate_random_accuracy"] <= expect.ci_high
     res = ablate_heads(tiny, task, [], "zero", None, 0, n=4, shots=2)  # ICL prompts
     assert res.ablated_accuracy == res.baseline_accuracy  # no heads: the same forward
 
 
 def test_reinjection_vector_accuracy_matches_evaluate(tiny, task):
     vec = _vec(tiny, 0)
-    out = reinjection_test(tiny, task, vec, n=6, batch_size=4)
+    out = reinjection_test(tiny, task, vec, n=6, batch_size=4).to_dict()
     ev = tvlens.evaluate(tiny, task, vector=vec, n=6)
     assert out["vector_accuracy"] == pytest.approx(ev.accuracy)
     assert out["zero_shot"] == pytest.approx(tvlens.evaluate(tiny, task, n=6).accuracy)
     # a vector with a gain (0 → 1 on these queries), one chunk of 6 prompts
     red, vec = _red_task_and_vector(tiny, task, 3.0)
-    out = reinjection_test(tiny, red, vec, n=6, batch_size=6)
+    out = reinjection_test(tiny, red, vec, n=6, batch_size=6).to_dict()
     assert out["zero_shot"] == 0 and out["vector_accuracy"] == 1 and out["n"] == 6
     # the MLP path recomputed here: mlp_out with θ minus without, at the query, per prompt,
     # added (without θ) after each later block and scored by evaluate
-    batch = query_batch(tiny, red, n=6)
+    batch = prompt_batch(tiny, red, n=6)
     names = [f"blocks.{j}.hook_mlp_out" for j in (1, 2)]
     with torch.no_grad():
         on, off = capture(tiny, batch, names, vec.hooks(tiny, batch)), capture(tiny, batch, names)
@@ -335,7 +345,7 @@ def test_final_change_batched_equals_one_prompt_at_a_time(tiny, task, mode, posi
     # three blocks; 1e-5 of the final residual's magnitude is ~80 eps of it
     scale = ref.abs().max()
     for chunk in (256, 2):  # one forward; several chunks, the last one short
-        got = final_change(tiny, batch, vec, thetas, chunk=chunk)
+        got = final_change(tiny, batch, vec, thetas, batch_size=chunk)
         torch.testing.assert_close(got, ref, atol=1e-5 * scale, rtol=0)
     assert scale > 0.1  # θ does move the final residual
 
@@ -351,20 +361,22 @@ def test_final_change_of_zero_added_vector_is_zero_and_geometry_runs(tiny, task)
     with torch.no_grad():
         scale = capture(tiny, batch, [name])[name].abs().max()
     torch.testing.assert_close(d, torch.zeros_like(d), atol=1e-5 * scale, rtol=0)
-    out = rotation_scaling(tiny, task, vec, n_copies=64, ridge=1e-2, n=4, n_fit_prompts=4)
+    res = rotation_scaling(tiny, task, vec, n_copies=64, ridge=1e-2, n=4, n_fit_prompts=4)
+    out = res.to_dict()
     assert set(out["logit_lens"]) == {"theta", "Q_theta", "W_theta"}
-    assert out["W"].shape == (tiny.cfg.d_model, tiny.cfg.d_model)
+    assert res.W.shape == (tiny.cfg.d_model, tiny.cfg.d_model)
 
 
 def test_rotation_scaling_of_a_vector_at_the_last_layer_is_the_identity(tiny, task):
     """Added after the last block, θ' *is* the final change: Δ(θ') = θ', so the fitted map
     is I — no rotation (cos 1), no scaling (ratio 1), R² 1, and adding Wθ is adding θ."""
     vec = _vec(tiny, tiny.cfg.n_layers - 1, scale=1.5)
-    out = rotation_scaling(tiny, task, vec, n_copies=64, ridge=0.0, n=8, n_fit_prompts=4)
+    res = rotation_scaling(tiny, task, vec, n_copies=64, ridge=0.0, n=8, n_fit_prompts=4)
+    out = res.to_dict()
     d = tiny.cfg.d_model
     # Δ = (h + θ') − h in float32 at |h| ~ 2: ~1e-7 absolute error per entry, against θ'
     # of ~3; the float64 least squares keeps it at that level
-    torch.testing.assert_close(out["W"], torch.eye(d), atol=1e-4, rtol=0)
+    torch.testing.assert_close(res.W, torch.eye(d), atol=1e-4, rtol=0)
     assert out["fit_r2"] == pytest.approx(1, abs=1e-6)
     assert out["rotation_cos"] == pytest.approx(1, abs=1e-6)
     assert out["scale_ratio"] == pytest.approx(1, abs=1e-4)
@@ -395,7 +407,7 @@ def test_bad_input(tiny, task):
 @pytest.mark.slow
 def test_smol_ov_terms_sum_back_gqa(smol):
     task = tvlens.load_task("antonym")
-    batch = query_batch(smol, task, n=2)
+    batch = prompt_batch(smol, task, n=2)
     vec = tvlens.icl_task_vector(smol, task, 26, n_prompts=4)
     _decomposition_sums_back(smol, batch, vec, 1e-3)
 
@@ -403,7 +415,7 @@ def test_smol_ov_terms_sum_back_gqa(smol):
 def test_recovery_is_undefined_without_a_gain(tiny, task):
     """A vector that gains nothing over zero-shot has no gain to recover: NaN, not a ratio."""
     zero = TaskVector.single(tiny, torch.zeros(tiny.cfg.d_model), 0)
-    out = reinjection_test(tiny, task, zero, n=6, batch_size=4)
+    out = reinjection_test(tiny, task, zero, n=6, batch_size=4).to_dict()
     assert out["vector_accuracy"] == out["zero_shot"]
     for key in ("ov_weighted_recovery", "ov_packaged_recovery", "mlp_recovery"):
         assert math.isnan(out[key])

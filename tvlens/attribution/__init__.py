@@ -3,27 +3,36 @@
 - :mod:`~tvlens.attribution.ov` — per-head OV terms of an injected vector, their direct
   logit attribution, and the re-injection test (OV weighted / packaged, MLP path).
 - :mod:`~tvlens.attribution.key_heads` — saliency from one forward + backward, head
-  ablation (zero / mean) with random controls, the exhaustive batched ground truth.
+  means, the exhaustive batched ablation ground truth.
+- :mod:`~tvlens.attribution.ablation` — accuracy with heads ablated (zero / mean) against
+  random head sets and none, and the whole key-head analysis.
 - :mod:`~tvlens.attribution.geometry` — fit of the linear map to the final residual,
   polar decomposition, logit lens, curves across layers.
+- :mod:`~tvlens.attribution.common` — one-vector checks, ``parse_heads``, ``check_percent``.
 - :mod:`~tvlens.attribution.figures` — plotly figures for each.
 
 Every analysis takes any :class:`~tvlens.vector.TaskVector` (extracted, learned, adaptive
-averaged) at one layer and position.
+averaged) at one layer and position, writes prompts in the vector's own format unless told
+otherwise, scores accuracy through :func:`tvlens.evaluation.evaluate` (so every rate has a
+CI) and returns a result object whose ``to_dict()`` is plain JSON naming the ``template``.
 """
 
+from tvlens.attribution.ablation import AblationResult, KeyHeadResult, ablate_heads, key_head_analysis
+from tvlens.attribution.common import check_percent, parse_heads, single_vector
 from tvlens.attribution.geometry import (
-    final_change, fit_linear_map, geometry_sweep, logit_lens, polar, rotation_scaling,
+    RotationScaling, final_change, fit_linear_map, geometry_sweep, logit_lens, polar, rotation_scaling,
 )
 from tvlens.attribution.key_heads import (
-    AblationResult, ablate_heads, ablation_effects, ablation_hooks, agreement, head_means,
-    head_saliency, key_head_analysis, top_heads,
+    ablation_effects, agreement, head_means, head_saliency, top_heads,
 )
-from tvlens.attribution.ov import OVDecomposition, mlp_path_terms, ov_decomposition, reinjection_test
+from tvlens.attribution.ov import (
+    OVDecomposition, Reinjection, ReinjectionResult, mlp_path_terms, ov_decomposition, reinjection_test,
+)
 
 __all__ = [
-    "AblationResult", "OVDecomposition", "ablate_heads", "ablation_effects", "ablation_hooks",
-    "agreement", "final_change", "fit_linear_map", "geometry_sweep", "head_means",
-    "head_saliency", "key_head_analysis", "logit_lens", "mlp_path_terms", "ov_decomposition",
-    "polar", "reinjection_test", "rotation_scaling", "top_heads",
+    "AblationResult", "KeyHeadResult", "OVDecomposition", "Reinjection", "ReinjectionResult",
+    "RotationScaling", "ablate_heads", "ablation_effects", "agreement", "check_percent",
+    "final_change", "fit_linear_map", "geometry_sweep", "head_means", "head_saliency",
+    "key_head_analysis", "logit_lens", "mlp_path_terms", "ov_decomposition", "parse_heads",
+    "polar", "reinjection_test", "rotation_scaling", "single_vector", "top_heads",
 ]

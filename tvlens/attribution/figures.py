@@ -1,13 +1,18 @@
 """Plotly figures for the attribution analyses (themed with :func:`tvlens.plots.apply_theme`).
 
-Each builder takes the plain dict / tensor an analysis returns and gives a
-``plotly.graph_objects.Figure``; write it with ``tvlens.plots.export(fig, "x.html")``.
+Each builder takes what an analysis returns — its result object or that object's
+``to_dict()`` — and gives a ``plotly.graph_objects.Figure``; write it with
+``tvlens.plots.export(fig, "x.html")``. The results' ``.figure()`` methods call these.
 """
 
 from __future__ import annotations
 
 import plotly.graph_objects as go
 import torch
+
+
+def _as_dict(result) -> dict:
+    return result.to_dict() if hasattr(result, "to_dict") else result
 
 
 def _theme(fig: go.Figure) -> go.Figure:
@@ -41,28 +46,30 @@ def layer_profile(scores, title: str = "saliency per layer", injected_layer: int
     return _theme(fig)
 
 
-def ablation_bars(result: dict, title: str = "head ablation") -> go.Figure:
-    """Bars: no ablation, key heads, random sets (mean ± 95% CI), per mode.
+def ablation_bars(result, title: str = "head ablation") -> go.Figure:
+    """Bars with 95% CIs: no ablation, key heads, random sets, per mode.
 
-    ``result`` is :func:`~tvlens.attribution.key_head_analysis`'s dict (its ``ablation``
-    entry) or one ``AblationResult.to_dict()``.
+    ``result`` is :func:`~tvlens.attribution.key_head_analysis`'s result (its ``ablation``
+    entry) or one :class:`~tvlens.attribution.AblationResult` (or their ``to_dict()``).
     """
+    result = _as_dict(result)
     modes = result.get("ablation", {result.get("mode", "zero"): result})
     fig = go.Figure()
+    nan = [float("nan")] * 2
     for mode, r in modes.items():
-        lo, hi = r["random_ci"]
-        mean = r["random_accuracy"]
-        err = [0, 0, (hi - mean) if hi == hi else 0]
-        errm = [0, 0, (mean - lo) if lo == lo else 0]
-        fig.add_trace(go.Bar(x=["none", "key heads", "random"], name=f"{mode} ablation",
-                             y=[r["baseline_accuracy"], r["ablated_accuracy"], mean],
+        y = [r["baseline_accuracy"], r["ablated_accuracy"], r["random_accuracy"]]
+        cis = [r.get("baseline_ci", nan), r.get("ablated_ci", nan), r["random_ci"]]
+        err = [(hi - v) if hi == hi else 0 for v, (_, hi) in zip(y, cis)]
+        errm = [(v - lo) if lo == lo else 0 for v, (lo, _) in zip(y, cis)]
+        fig.add_trace(go.Bar(x=["none", "key heads", "random"], name=f"{mode} ablation", y=y,
                              error_y=dict(type="data", array=err, arrayminus=errm)))
     fig.update_layout(title=title, yaxis_title="accuracy", barmode="group", yaxis_range=[0, 1])
     return _theme(fig)
 
 
 def geometry_curves(result: dict, title: str = "rotation vs scaling") -> go.Figure:
-    """Rotation cos(θ, Qθ), scaling ‖Sθ‖/‖θ‖, R² and accuracies across layers."""
+    """Rotation cos(θ, Qθ), scaling ‖Sθ‖/‖θ‖, R² and accuracies across layers
+    (:func:`~tvlens.attribution.geometry_sweep`'s dict)."""
     from plotly.subplots import make_subplots
 
     x = result["layers"]
@@ -95,8 +102,10 @@ def logit_lens_table(result: dict, k: int = 5) -> go.Figure:
     return _theme(fig)
 
 
-def ov_dla_heatmap(result: dict, title: str = "packaged OV term: DLA on the answer") -> go.Figure:
-    """Heatmap of the packaged OV terms' direct logit attribution (later layers × heads)."""
+def ov_dla_heatmap(result, title: str = "packaged OV term: DLA on the answer") -> go.Figure:
+    """Heatmap of the packaged OV terms' direct logit attribution (later layers × heads);
+    ``result``: :func:`~tvlens.attribution.reinjection_test`'s result or its ``to_dict()``."""
+    result = _as_dict(result)
     d = torch.as_tensor(result["dla_packaged"], dtype=torch.float32)
     fig = go.Figure(go.Heatmap(z=d.T.tolist(), x=result["later_layers"], y=list(range(d.shape[1])),
                                colorscale="RdBu", zmid=0, colorbar=dict(title="logit")))

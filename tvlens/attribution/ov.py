@@ -32,22 +32,30 @@ last position, at each later layer ``l'`` (residual after block ``l'``), that la
 summed terms — the attention-weighted ones (per example), the packaged ones, or the
 *MLP path*: the change of block ``l'``'s MLP output at ``q`` caused by θ
 (``mlp_out^θ − mlp_out^0``, per example, all paths). ``where="final"`` adds the total at
-the last layer instead. Reported as the fraction of θ's gain recovered,
+the last layer instead. The terms of a prompt come from the decomposition of the batch
+it runs in (:class:`Reinjection`, an intervention computing them from the batch it is
+bound to), so the packaged terms' mean scale ``mean_b s[b, p]`` is over each forward's
+``batch_size`` prompts. Every accuracy is scored by :func:`tvlens.evaluation.evaluate` on
+one prompt set (so each has its CI) and reported as the fraction of θ's gain recovered,
 ``(acc_reinjected − acc_zero_shot) / (acc_θ − acc_zero_shot)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tvlens.activations import capture
-from tvlens.attribution._common import accuracy, query_batch, single_vector, with_vectors
+from tvlens.attribution.common import ci_list, single_vector
 from tvlens.errors import TvlensError
-from tvlens.prompts import PromptBatch
+from tvlens.evaluation import evaluate, resolve_template
+from tvlens.interventions import Intervention
+from tvlens.prompts import PromptBatch, PromptSet
+from tvlens.runner import chunks, run
+from tvlens.stats import Accuracy
 from tvlens.tasks.task import Task
 from tvlens.vector import TaskVector
 
@@ -86,29 +94,33 @@ class OVDecomposition:
         }
 
 
-def _check_rms(model) -> None:
+def _check(model, vector: TaskVector):
+    """``single_vector``'s ``(layer, position, c)`` of a vector the decomposition can take."""
     norm = str(getattr(model.cfg, "normalization_type", "RMS") or "RMS")
     if not norm.upper().startswith("RMS"):
         raise TvlensError(f"the OV decomposition supports RMSNorm models; this one uses {norm!r}")
+    layer, position, c = single_vector(model, vector)
+    L = int(model.cfg.n_layers)
+    if layer >= L - 1:
+        raise TvlensError(f"the vector sits at the last layer ({layer}); no later heads read it. "
+                          f"Use a vector at layer < {L - 1}")
+    return layer, position, c
 
 
-def ov_decomposition(model, batch: PromptBatch, vector: TaskVector) -> OVDecomposition:
+def ov_decomposition(model, batch: PromptBatch | PromptSet, vector: TaskVector) -> OVDecomposition:
     """Decompose the direct OV effect of ``vector`` on every later head, for ``batch``.
 
     One forward pass with the vector injected, capturing the later layers' ``ln1`` scales
     and attention patterns and the final norm's scale.
     """
-    _check_rms(model)
-    layer, position, c = single_vector(model, vector)
+    layer, position, c = _check(model, vector)
+    batch = getattr(batch, "batch", batch)
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    if layer >= L - 1:
-        raise TvlensError(f"the vector sits at the last layer ({layer}); no later heads read it. "
-                          f"Use a vector at layer < {L - 1}")
     later = list(range(layer + 1, L))
     names = [f"blocks.{j}.ln1.hook_scale" for j in later] + \
             [f"blocks.{j}.attn.hook_pattern" for j in later] + ["ln_final.hook_scale"]
-    with torch.no_grad():
-        store = capture(model, batch, names, vector.hooks(model, batch))
+    store = run(model, batch, vector, capture=names, capture_at=None, logits=None,
+                batch_size=None, progress=False).captured
     dev = c.device
     rows = torch.arange(len(batch), device=dev)
     p = batch.position_index(position).to(dev)
@@ -117,24 +129,24 @@ def ov_decomposition(model, batch: PromptBatch, vector: TaskVector) -> OVDecompo
     for j in later:
         blk = model.blocks[j]
         w = blk.ln1.weight.detach().float()
-        s = store[f"blocks.{j}.ln1.hook_scale"].float()[rows, p, 0]  # [B]
+        s = store[f"blocks.{j}.ln1.hook_scale"].to(dev).float()[rows, p, 0]  # [B]
         theta_hat = c[None] * w[None] / s[:, None]  # [B, d]
-        WV = blk.attn.W_V.detach().float()  # [K, d, dh]
+        WV = blk.attn.W_V.detach().float()  # [K, d, dh]: one per KV head
         WO = blk.attn.W_O.detach().float()  # [H, dh, d]
-        rep = H // WV.shape[0]
-        WV_h = WV.repeat_interleave(rep, dim=0)  # [H, d, dh]
-        ov = torch.einsum("bm,hmd,hdn->bhn", theta_hat, WV_h, WO)  # [B, H, d]
-        a = store[f"blocks.{j}.attn.hook_pattern"].float()[rows, :, q, p]  # [B, H]
+        # GQA: query head h reads KV head h // (H / K)
+        WV_h = einops.repeat(WV, "kv m e -> (kv rep) m e", rep=H // WV.shape[0])  # [H, d, dh]
+        ov = einops.einsum(theta_hat, WV_h, WO, "b m, h m e, h e n -> b h n")  # [B, H, d]
+        a = store[f"blocks.{j}.attn.hook_pattern"].to(dev).float()[rows, :, q, p]  # [B, H]
         weighted.append(a[..., None] * ov)
         attn.append(a)
         pk_hat = c * w / s.mean()
-        packaged.append(torch.einsum("m,hmd,hdn->hn", pk_hat, WV_h, WO))
+        packaged.append(einops.einsum(pk_hat, WV_h, WO, "m, h m e, h e n -> h n"))
     weighted_t = torch.stack(weighted, 1)  # [B, L', H, d]
     packaged_t = torch.stack(packaged, 0)  # [L', H, d]
-    s_f = store["ln_final.hook_scale"].float()[rows, q, 0]  # [B]
+    s_f = store["ln_final.hook_scale"].to(dev).float()[rows, q, 0]  # [B]
     u = _answer_readout(model, batch)  # [B, d]: w_f * W_U[:, y]
-    dla_w = torch.einsum("blhd,bd->blh", weighted_t, u) / s_f[:, None, None]
-    dla_p = (torch.einsum("lhd,bd->blh", packaged_t, u) / s_f[:, None, None]).mean(0)
+    dla_w = einops.einsum(weighted_t, u, "b l h d, b d -> b l h") / s_f[:, None, None]
+    dla_p = (einops.einsum(packaged_t, u, "l h d, b d -> b l h") / s_f[:, None, None]).mean(0)
     return OVDecomposition(layer, position, later, weighted_t, packaged_t, torch.stack(attn, 1),
                            dla_w, dla_p)
 
@@ -146,72 +158,144 @@ def _answer_readout(model, batch: PromptBatch) -> Float[Tensor, "batch d_model"]
     return model.ln_final.weight.detach().float()[None] * WU[:, y].T
 
 
-def mlp_path_terms(model, batch: PromptBatch, vector: TaskVector) -> Float[Tensor, "batch later d_model"]:
+def mlp_path_terms(model, batch: PromptBatch | PromptSet, vector: TaskVector
+                   ) -> Float[Tensor, "batch later d_model"]:
     """``mlp_out^θ[q] − mlp_out^0[q]`` of each later block: θ's effect through the MLPs."""
     layer, _, _ = single_vector(model, vector)
-    later = list(range(layer + 1, int(model.cfg.n_layers)))
-    names = [f"blocks.{j}.hook_mlp_out" for j in later]
-    q = batch.position_index("last")
-    rows = torch.arange(len(batch))
-    with torch.no_grad():
-        on = capture(model, batch, names, vector.hooks(model, batch))
-        off = capture(model, batch, names)
-    return torch.stack([(on[n] - off[n]).float()[rows, q.to(on[n].device)] for n in names], 1)
+    names = [f"blocks.{j}.hook_mlp_out" for j in range(layer + 1, int(model.cfg.n_layers))]
+    on, off = (run(model, batch, iv, capture=names, capture_at="last", logits=None, batch_size=None,
+                   progress=False).captured for iv in (vector, None))
+    return torch.stack([(on[n] - off[n]).float() for n in names], 1)
 
 
-def _reinject(model, batch, vector, terms: Tensor, later: list[int], where: str) -> float:
-    """Accuracy with ``terms`` ([B, L', d] or [L', d]) added at the query instead of θ."""
-    if where == "final":
-        total = terms.sum(-2, keepdim=True)
-        layers = [int(model.cfg.n_layers) - 1]
-    else:
-        total, layers = terms, later
-    v = with_vectors(vector, total.unsqueeze(-2).to(vector.vectors.dtype), layers, ("last",))
-    return accuracy(model, batch, v.hooks(model, batch))
+KINDS = ("ov_weighted", "ov_packaged", "mlp")
+
+
+class _Terms:
+    """The summed terms of each batch a :class:`Reinjection` runs on, computed once."""
+
+    def __init__(self, vector: TaskVector):
+        self.vector = vector
+        self._store: dict = {}
+
+    def get(self, model, batch: PromptBatch) -> dict[str, Tensor]:
+        key = (tuple(batch.prompts), batch.seq_len)
+        if key not in self._store:
+            dec = ov_decomposition(model, batch, self.vector)
+            self._store[key] = {"ov_weighted": dec.weighted.sum(2),  # [B, L', d]
+                                "ov_packaged": dec.packaged.sum(1),  # [L', d]
+                                "mlp": mlp_path_terms(model, batch, self.vector),  # [B, L', d]
+                                "dla_packaged": dec.dla_packaged, "later": dec.later_layers}
+        return self._store[key]
+
+
+class Reinjection(Intervention):
+    """Instead of θ, add the ``kind`` terms (``"ov_weighted"``, ``"ov_packaged"``,
+    ``"mlp"``) of the batch it is bound to at the query's last position: after each later
+    layer (``where="layers"``) or their total after the last layer (``"final"``)."""
+
+    def __init__(self, vector: TaskVector, kind: str, where: str = "layers", terms: _Terms | None = None):
+        if kind not in KINDS:
+            raise TvlensError(f"re-injected terms must be one of {KINDS}, got {kind!r}")
+        if where not in ("layers", "final"):
+            raise TvlensError(f"where must be 'layers' or 'final', got {where!r}")
+        self.vector, self.kind, self.where = vector, kind, where
+        self.terms = terms if terms is not None else _Terms(vector)
+
+    @property
+    def made_for(self):
+        return self.vector.model
+
+    @property
+    def template(self):
+        return self.vector.template
+
+    def describe(self) -> str:
+        return f"Reinjection({self.kind}, {self.where})"
+
+    def hooks(self, model, batch: PromptBatch):
+        got = self.terms.get(model, batch)
+        terms = got[self.kind]  # [B, L', d] per prompt, or [L', d] shared
+        if self.where == "final":
+            terms, layers = terms.sum(-2, keepdim=True), [int(model.cfg.n_layers) - 1]
+        else:
+            layers = got["later"]
+        v = replace(self.vector, vectors=terms.unsqueeze(-2).to(self.vector.vectors.dtype),
+                    layers=tuple(layers), positions=("last",), mode="add", scale=1.0, history={})
+        return v.hooks(model, batch)
+
+
+@dataclass
+class ReinjectionResult:
+    """Accuracies (with CIs) of zero-shot, θ and each re-injection, on one prompt set."""
+
+    task: str
+    layer: int
+    where: str
+    template: str
+    later_layers: list[int]
+    accuracies: dict[str, Accuracy]  # zero_shot, vector, ov_weighted, ov_packaged, mlp
+    dla_packaged: Float[Tensor, "later head"]
+
+    @property
+    def n(self) -> int:
+        return self.accuracies["zero_shot"].n
+
+    def recovery(self, kind: str) -> float:
+        """``(acc_kind − acc_zero) / (acc_θ − acc_zero)``; NaN when θ gains nothing (no gain
+        to recover)."""
+        zero, vec = self.accuracies["zero_shot"].value, self.accuracies["vector"].value
+        gain = vec - zero
+        return (self.accuracies[kind].value - zero) / gain if gain > 1e-12 else float("nan")
+
+    def to_dict(self) -> dict:
+        acc = self.accuracies
+        out = {"zero_shot": acc["zero_shot"].value, "vector_accuracy": acc["vector"].value}
+        out.update({f"{k}_accuracy": acc[k].value for k in KINDS})
+        out.update({f"{k}_recovery": self.recovery(k) for k in KINDS})
+        out.update(layer=self.layer, n=self.n, where=self.where, task=self.task,
+                   later_layers=self.later_layers, dla_packaged=self.dla_packaged.tolist())
+        out.update({f"{k}_ci": ci_list(a) for k, a in acc.items()}, template=self.template)
+        return out
+
+    def figure(self, title: str = "packaged OV term: DLA on the answer"):
+        from tvlens.attribution.figures import ov_dla_heatmap
+
+        return ov_dla_heatmap(self.to_dict(), title)
 
 
 def reinjection_test(model, task: Task, vector: TaskVector, *, n: int = 32, split: str = "test",
-                     template="arrow", where: str = "layers", batch_size: int = 16,
-                     seed: int = 0) -> dict:
+                     template=None, where: str = "layers", batch_size: int = 16,
+                     seed: int = 0) -> ReinjectionResult:
     """Fractions of θ's accuracy gain recovered by re-injected OV and MLP-path terms.
 
     Args:
+        template: the prompt format (default: the vector's own, else ``"arrow"``).
         where: ``"layers"`` — add each later layer's summed terms after that block, at the
             query's last position; ``"final"`` — add their total after the last block.
+        batch_size: rows per forward; the packaged terms are per forward (module docstring).
 
-    Returns a dict with ``zero_shot``, ``vector_accuracy``, ``ov_weighted_accuracy``,
-    ``ov_packaged_accuracy``, ``mlp_accuracy``, the matching ``*_recovery`` fractions (NaN
-    when θ gains nothing or loses accuracy: there is no gain to recover) and ``dla_packaged`` ([L', H] head DLA, mean over prompts).
+    ``to_dict()`` has ``zero_shot``, ``vector_accuracy``, ``ov_weighted_accuracy``,
+    ``ov_packaged_accuracy``, ``mlp_accuracy`` with their ``*_ci``, the matching
+    ``*_recovery`` fractions (NaN when θ gains nothing or loses accuracy: there is no gain
+    to recover), ``dla_packaged`` ([L', H] head DLA, mean over prompts) and ``template``.
     """
     if where not in ("layers", "final"):
         raise TvlensError(f"where must be 'layers' or 'final', got {where!r}")
-    batch_all = query_batch(model, task, n=n, split=split, template=template, seed=seed)
-    sums = {k: 0.0 for k in ("zero_shot", "vector_accuracy", "ov_weighted_accuracy",
-                             "ov_packaged_accuracy", "mlp_accuracy")}
-    dla, count = None, 0
-    for start in range(0, len(batch_all), batch_size):
-        rows = list(range(start, min(start + batch_size, len(batch_all))))
-        batch = batch_all.select(rows)
-        dec = ov_decomposition(model, batch, vector)
-        mlp = mlp_path_terms(model, batch, vector)
-        k = len(rows)
-        sums["zero_shot"] += k * accuracy(model, batch)
-        sums["vector_accuracy"] += k * accuracy(model, batch, vector.hooks(model, batch))
-        sums["ov_weighted_accuracy"] += k * _reinject(model, batch, vector, dec.weighted.sum(2),
-                                                      dec.later_layers, where)
-        sums["ov_packaged_accuracy"] += k * _reinject(model, batch, vector, dec.packaged.sum(1),
-                                                      dec.later_layers, where)
-        sums["mlp_accuracy"] += k * _reinject(model, batch, vector, mlp, dec.later_layers, where)
-        dla = dec.dla_packaged * k if dla is None else dla + dec.dla_packaged * k
-        count += k
-    out = {key: val / count for key, val in sums.items()}
-    gain = out["vector_accuracy"] - out["zero_shot"]
-    for key, name in (("ov_weighted_accuracy", "ov_weighted_recovery"),
-                      ("ov_packaged_accuracy", "ov_packaged_recovery"),
-                      ("mlp_accuracy", "mlp_recovery")):
-        # a fraction of θ's gain is defined only when θ gains something over zero-shot
-        out[name] = (out[key] - out["zero_shot"]) / gain if gain > 1e-12 else float("nan")
-    out.update(layer=vector.layers[0], n=count, where=where, task=task.name,
-               later_layers=list(range(vector.layers[0] + 1, int(model.cfg.n_layers))),
-               dla_packaged=(dla / count).tolist())
-    return out
+    layer, _, _ = _check(model, vector)
+    prompts = PromptSet.build(model, task, split=split, n=n, seed=seed,
+                              template=resolve_template(vector, template, what="reinjection_test"))
+    terms = _Terms(vector)
+    conditions = {"zero_shot": None, "vector": vector,
+                  **{k: Reinjection(vector, k, where, terms) for k in KINDS}}
+    accs = {k: evaluate(model, task, vector=iv, prompts=prompts, batch_size=batch_size, seed=seed,
+                        progress=False).interval for k, iv in conditions.items()}
+    # the same chunks evaluate ran: the terms are cached per chunk
+    parts = [terms.get(model, part) for part in chunks(prompts.batch, batch_size)]
+    dla = sum(p["dla_packaged"] * len(p["mlp"]) for p in parts) / len(prompts)
+    return ReinjectionResult(task.name, layer, where, prompts.template_name,
+                             list(range(layer + 1, int(model.cfg.n_layers))), accs, dla.cpu())
+
+
+__all__ = ["KINDS", "OVDecomposition", "Reinjection", "ReinjectionResult", "mlp_path_terms",
+           "ov_decomposition", "reinjection_test"]

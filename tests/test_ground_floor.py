@@ -243,3 +243,17 @@ def test_contributing_example_runs(tiny, task):
         run(tiny, _prompts(tiny, task), steer, logits="last").last_logits,
         run(tiny, _prompts(tiny, task), logits="last").last_logits)
     assert zero.n == res.n == 8
+
+
+def test_per_row_interventions_follow_the_chunks(tiny, task):
+    """Per-example vectors and per-row head values are cut to each chunk: batched == whole."""
+    ps = _prompts(tiny, task)
+    B, d, dh = len(ps), int(tiny.cfg.d_model), int(tiny.cfg.d_head)
+    edit = ResidualEdit((1,), ("last",), torch.randn(B, 1, 1, d))
+    patch = HeadPatch([(2, 1), (0, 3)], [torch.randn(B, dh), torch.randn(dh)], mode="add")
+    for iv in (edit, patch, edit + patch):
+        whole = run(tiny, ps, iv, logits="last", batch_size=None).last_logits
+        parts = run(tiny, ps, iv, logits="last", batch_size=4).last_logits
+        assert torch.allclose(whole, parts, atol=1e-5)
+    with pytest.raises(TvlensError, match="capture it with batch_size=None"):
+        run(tiny, ps, capture=["blocks.0.attn.hook_pattern"], capture_at=None, batch_size=2)

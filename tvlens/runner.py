@@ -167,15 +167,32 @@ class RunOutput:
         return self.first_answer_logprob.exp()
 
 
+def chunk_rows(n: int, batch_size: int | None) -> list[range]:
+    """Consecutive row ranges of at most ``batch_size`` rows covering ``0..n-1``."""
+    if batch_size is None:
+        return [range(n)]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise TvlensError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
 def chunks(batch: PromptBatch, batch_size: int | None) -> list[PromptBatch]:
     """``batch`` in consecutive sub-batches of ``batch_size`` rows, each left-padded only to
     its own longest prompt (identical tokens and positions to tokenizing it alone)."""
-    if batch_size is None or batch_size >= len(batch):
+    ranges = chunk_rows(len(batch), batch_size)
+    if len(ranges) == 1:
         return [batch]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise TvlensError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return [trim(batch.select(range(s, min(s + batch_size, len(batch)))))
-            for s in range(0, len(batch), batch_size)]
+    return [trim(batch.select(r)) for r in ranges]
+
+
+def for_rows(intervention, rows: range, n: int):
+    """``intervention`` restricted to ``rows`` of an ``n``-row batch: interventions holding
+    one value per row (per-example vectors, per-row head values) implement
+    ``for_rows(rows)``; the others apply to any rows unchanged."""
+    if intervention is None or len(rows) == n:
+        return intervention
+    fn = getattr(intervention, "for_rows", None)
+    return fn(rows) if callable(fn) else intervention
 
 
 def trim(batch: PromptBatch) -> PromptBatch:
@@ -226,7 +243,13 @@ def run(model, prompts, interventions=None, *, capture=(), capture_at: Position 
         raise TvlensError(f"run() takes a PromptSet or PromptBatch, got {type(prompts).__name__}")
     iv = as_intervention(interventions)
     names = _hook_names(model, capture) if capture else []
+    ranges = chunk_rows(len(batch), batch_size)
     parts = chunks(batch, batch_size)
+    if capture_at is None and len(parts) > 1:
+        odd = [n for n in names if n.endswith(("hook_pattern", "hook_attn_scores"))]
+        if odd:
+            raise TvlensError(f"{odd[0]} is [batch, head, query, key]: whole captures of it cannot "
+                              "be joined across chunks; capture it with batch_size=None")
     show = progress if progress is not None else len(parts) > 4
     keep: dict[str, list] = {k: [] for k in ("prediction", "lp", "last", "alp", "amask")}
     stores: dict[str, list[Tensor]] = {n: [] for n in names}
@@ -238,8 +261,8 @@ def run(model, prompts, interventions=None, *, capture=(), capture_at: Position 
 
     ctx = nullcontext() if grad else torch.no_grad()
     with ctx:
-        for part in tqdm(parts, disable=not show, desc=desc, leave=False):
-            hooks = intervention_hooks(model, iv, part)
+        for rows, part in tqdm(list(zip(ranges, parts)), disable=not show, desc=desc, leave=False):
+            hooks = intervention_hooks(model, for_rows(iv, rows, len(batch)), part)
             store: dict[str, Tensor] = {}
 
             def saver(name):

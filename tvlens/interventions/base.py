@@ -130,6 +130,12 @@ class Compose(Intervention):
     def hooks(self, model, batch) -> list[Hook]:
         return [h for p in self.parts for h in p.hooks(model, batch)]
 
+    def for_rows(self, rows) -> Compose:
+        out = Compose([])
+        out.parts = [p.for_rows(rows) if callable(getattr(p, "for_rows", None)) else p
+                     for p in self.parts]
+        return out
+
     def describe(self) -> str:
         return " + ".join(describe(p) for p in self.parts)
 

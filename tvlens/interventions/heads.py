@@ -128,6 +128,24 @@ class HeadPatch(Intervention):
                 out.entries.append(_Entry(e.layer, e.head, e.value, rows * len(patches) + j))
         return out
 
+    def for_rows(self, rows) -> HeadPatch:
+        """This patch on the sub-batch of ``rows`` (consecutive): per-row values and row
+        sets are cut and renumbered; shared values apply as before."""
+        rows = list(rows)
+        lo, n = rows[0], len(rows)
+        out = HeadPatch([], [], position=self.position, mode=self.mode, made_for=self.made_for)
+        for e in self.entries:
+            r = torch.arange(n) if e.rows is None else e.rows[(e.rows >= lo) & (e.rows < lo + n)] - lo
+            if e.rows is not None and len(r) == 0:
+                continue
+            value = e.value
+            if value is not None and value.ndim == 2:  # one value per row of its row set
+                src = (r + lo) if e.rows is None else torch.nonzero(
+                    (e.rows >= lo) & (e.rows < lo + n), as_tuple=True)[0]
+                value = value[src.to(value.device)]
+            out.entries.append(_Entry(e.layer, e.head, value, None if e.rows is None else r))
+        return out
+
     # ----- protocol -----------------------------------------------------------------
     @property
     def heads(self) -> list[Head]:

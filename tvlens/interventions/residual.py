@@ -82,6 +82,13 @@ class ResidualEdit(Intervention):
     def hooks(self, model, batch: PromptBatch) -> list[Hook]:
         return injection_hooks(model, batch, self)
 
+    def for_rows(self, rows) -> ResidualEdit:
+        """Per-example vectors of ``rows`` only (shared vectors: unchanged)."""
+        if not self.per_example:
+            return self
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.vectors.device)
+        return ResidualEdit(self.layers, self.positions, self.vectors[idx], self.mode, self.scale)
+
     def replaced_sites(self) -> set:
         if self.mode != "replace":
             return set()

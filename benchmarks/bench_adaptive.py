@@ -56,8 +56,8 @@ def main() -> None:
     out["training_rss_increase_mib"] = out["maxrss_after_training_mib"] - rss_loaded
 
     task = tasks[0]
-    kw = dict(n=args.n, template="qa", batch_size=8, progress=False)
-    tvlens.evaluate(target, task, vector=gen, n=8, template="qa", progress=False)  # warm-up
+    kw = dict(n=args.n, template=gen.template, batch_size=8, progress=False)
+    tvlens.evaluate(target, task, vector=gen, n=8, progress=False)  # warm-up (gen's template)
     t0 = time.perf_counter()
     tvlens.evaluate(target, task, vector=gen, **kw)
     atv = (time.perf_counter() - t0) / args.n

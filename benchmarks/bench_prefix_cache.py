@@ -20,8 +20,9 @@ torch.set_num_threads(1)
 
 import tvlens  # noqa: E402
 from tvlens.learn.prefix import capture_prefix  # noqa: E402
-from tvlens.learn.trainer import _rows, ltv_loss  # noqa: E402
-from tvlens.prompts import make_examples, tokenize, with_answers  # noqa: E402
+from tvlens.learn.trainer import ltv_loss, select_rows  # noqa: E402
+from tvlens.prompts import PromptSet, with_answers  # noqa: E402
+from tvlens.runner import pad_id  # noqa: E402
 
 
 def step(model, tf, layer, theta, prefix):
@@ -43,15 +44,15 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     task = tvlens.load_task("antonym")
-    tf = with_answers(tokenize(model, make_examples(task.train[: args.batch], task.train,
-                                                    shots=args.shots)), 0)
-    tf = _rows(tf, list(range(args.batch)))
+    prompts = PromptSet.build(model, task, split="train", n=args.batch, shots=args.shots)
+    tf = with_answers(prompts.batch, pad_id(model))
+    tf = select_rows(tf, list(range(args.batch)))
     L = int(model.cfg.n_layers)
     print(f"batch {list(tf.input_ids.shape)} ({args.shots}-shot prompts + answers)")
     print("| layer | full step (s) | cached step (s) | ratio | target (L-l)/L+0.1 |")
     print("|---|---|---|---|---|")
     for layer in [int(x) for x in args.layers.split(",")]:
-        cache, as_tuple = capture_prefix(model, tf.input_ids, tf.attention_mask, layer)
+        cache, as_tuple = capture_prefix(model, tf, layer)
         theta = torch.zeros(1, 1, model.cfg.d_model)
         step(model, tf, layer, theta, None)  # warm-up
         full, cached = [], []

@@ -15,7 +15,6 @@ pca.html) and the tables print as markdown. CPU budget: a few minutes with the d
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -57,6 +56,7 @@ def main() -> None:
     from tvlens.adaptive.analysis import (compare, generated_vectors, lambda_sweep,
                                           layer_norm_profile, projection_2d, projection_figure,
                                           similarity_structure, summary)
+    from tvlens.io import write_json
     from tvlens.plots import export
 
     out = Path(args.out)
@@ -97,7 +97,7 @@ def main() -> None:
                "similarity": sims, "similarity_centred": centred, "norm_profile": profile.to_dict("records"),
                "lambda_sweep": sweep.to_dict("records"),
                "ltv": "skipped" if not args.ltv_steps else "included"}
-    (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    write_json(out / "results.json", results)
 
 
 if __name__ == "__main__":

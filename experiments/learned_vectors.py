@@ -22,8 +22,8 @@ torch.set_num_threads(1)
 
 import tvlens  # noqa: E402
 from tvlens.learn import learn_task_vector  # noqa: E402
-from tvlens.learn.experiments import (CONFIGURATIONS, composition, configuration,  # noqa: E402
-                                      layer_sweep)
+from tvlens.learn.experiments import (CONFIGURATIONS, compare_methods_by_layer,  # noqa: E402
+                                      composition, configuration)
 
 
 def markdown(df: pd.DataFrame, index: bool = False) -> str:
@@ -87,11 +87,11 @@ def main() -> None:
 
         layers = [int(x) for x in args.layers.split(",")]
         for name in tasks:
-            curves, refs, missing = layer_sweep(model, name, layers, n=args.n, steps=args.steps,
-                                                include_fv=not args.no_fv, template=args.template)
+            curves, refs = compare_methods_by_layer(model, name, layers, n=args.n, steps=args.steps,
+                                                    include_fv=not args.no_fv, template=args.template)
             df = pd.concat(curves.values())
             df.to_json(out / f"sweep_{name}.json", orient="records")
-            print(f"## {name}  (missing methods: {missing or 'none'}); references: "
+            print(f"## {name}; references: "
                   + json.dumps({k: [round(x, 3) for x in v] for k, v in refs.items()}))
             print(markdown(df.pivot(index="layer", columns="name", values="accuracy"), index=True))
             fig = accuracy_by_layer(curves, refs, title=f"{name}: accuracy by layer (SmolLM2-135M)")

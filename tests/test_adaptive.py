@@ -17,7 +17,7 @@ from tvlens.adaptive.analysis import (
 )
 from tvlens.errors import TvlensError
 from tvlens.prompts import make_examples, tokenize
-from tvlens.scoring import answer_nll
+from tvlens.runner import answer_nll
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,7 +155,7 @@ def test_training_lowers_the_loss_of_a_fixed_mapping(task):
 def test_resume_takes_the_same_steps(tiny, task, tmp_path):
     kw = dict(epochs=2, batch_size=8, lr=5e-3, progress=False, seed=3)
     straight = _gen(tiny, task, init="zeros")
-    train_generator(tiny, straight, [task], **kw)
+    full = train_generator(tiny, straight, [task], **kw)
     resumed = _gen(tiny, task, init="zeros")
     train_generator(tiny, resumed, [task], checkpoint_dir=tmp_path, max_steps=3, **kw)
     again = _gen(tiny, task, init="zeros")
@@ -163,6 +163,77 @@ def test_resume_takes_the_same_steps(tiny, task, tmp_path):
     assert hist["steps"] == 6
     for (n, a), (_, b) in zip(straight.named_parameters(), again.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+    # the checkpoint copies bits (weights, Adam's state, the step counter): the resumed
+    # run takes exactly the uninterrupted run's steps, on one thread
+    assert hist["loss"] == full["loss"]
+    for (n, a), (_, b) in zip(straight.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), n
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors"]  # no pickle
+
+
+def test_optimizer_state_round_trips_through_safetensors(tiny, task, tmp_path):
+    from tvlens.adaptive.training import load_optimizer_tensors, optimizer_tensors
+    from tvlens.io import load_tensors, save_tensors
+
+    gen = _gen(tiny, task)
+    params = [p for p in gen.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3, betas=(0.8, 0.95), weight_decay=1e-5)
+    gen.generate(["w1", "w2"]).pow(2).sum().backward()
+    opt.step()
+    tensors, meta = optimizer_tensors(opt)
+    save_tensors(tmp_path / "opt.safetensors", tensors, meta, key="opt")
+    back_tensors, back_meta = load_tensors(tmp_path / "opt.safetensors", key="opt")
+    fresh = torch.optim.Adam(params, lr=5.0)
+    load_optimizer_tensors(fresh, back_tensors, back_meta)
+    a, b = opt.state_dict(), fresh.state_dict()
+    assert a["param_groups"] == b["param_groups"] and b["param_groups"][0]["betas"] == (0.8, 0.95)
+    assert set(a["state"]) == set(b["state"]) and len(a["state"]) > 20  # every param with a grad
+    for i in a["state"]:
+        for k, v in a["state"][i].items():
+            assert torch.equal(v, b["state"][i][k]), (i, k)
+
+
+def test_make_generator_leaves_the_global_rng_alone(tiny, task):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    gen = _gen(tiny, task, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(999)  # another global state: the same weights, from the seed alone
+    again = _gen(tiny, task, seed=5)
+    for (n, a), (_, b) in zip(gen.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), n
+    other = _gen(tiny, task, seed=6)
+    assert not torch.equal(gen.expansion.up.weight, other.expansion.up.weight)
+
+
+def test_generator_is_an_intervention_with_its_template_and_model(tiny, task):
+    from tvlens.interventions import HeadPatch
+    from tvlens.methods import ATVConfig
+
+    gen = _gen(tiny, task, layers=(1,), scale=2.0)
+    assert gen.template == "qa" and gen.made_for == tvlens.fingerprint(tiny)
+    assert gen.config.settings == ATVConfig(scale=2.0, init="default")
+    assert gen.config.scale == 2.0 and set(gen.config.versions) >= {"tvlens", "torch"}
+    # evaluate writes the prompts in the generator's format when not told otherwise
+    kw = dict(n=5, progress=False)
+    implicit = tvlens.evaluate(tiny, task, vector=gen, **kw)
+    explicit = tvlens.evaluate(tiny, task, vector=gen, template="qa", **kw)
+    assert implicit.template == "qa"
+    assert implicit.records.first_token_logprob.tolist() == explicit.records.first_token_logprob.tolist()
+    with pytest.warns(UserWarning, match="'arrow'"):
+        tvlens.evaluate(tiny, task, vector=gen, template="arrow", **kw)
+    tv = gen.task_vector([x for x, _ in task.test[:5]])
+    assert tv.template == "qa"
+    # composition: with a head patch for the same model; refused for another model
+    both = gen + HeadPatch.zero(tiny, [(0, 1)])
+    assert tvlens.evaluate(tiny, task, vector=both, **kw).n == 5
+    other = tvlens.tiny_model(texts=["Q: a\nA: b"], n_layers=2, d_model=16, n_heads=2)
+    with pytest.raises(TvlensError, match="cannot compose"):
+        gen + HeadPatch([(0, 1)], 0, made_for=tvlens.fingerprint(other))
+    # settings from a config; keywords that differ from the defaults override it
+    from_cfg = make_generator(tiny, "native", texts=[x for x, _ in task.pairs],
+                              config=ATVConfig(scale=0.5, rank=3), rank=4)
+    assert from_cfg.scale == 0.5 and from_cfg.config.rank == 4
 
 
 # ----- files ----------------------------------------------------------------------------
@@ -182,6 +253,24 @@ def test_save_load_reproduces_the_vectors(tiny, task, tmp_path):
     batch = tokenize(other, make_examples([("a", "b")]), "qa")
     with pytest.raises(TvlensError, match="trained for"):
         gen.hooks(other, batch)
+
+
+def test_saved_config_is_checked(tiny, task, tmp_path):
+    import json
+
+    gen = _gen(tiny, task)
+    folder = gen.save(tmp_path / "g")
+    data = json.loads((folder / "config.json").read_text())
+    assert data["settings"]["target_template"] == "qa" and "versions" in data
+    data["settings"]["from_the_future"] = 1
+    (folder / "config.json").write_text(json.dumps(data))
+    with pytest.raises(TvlensError, match="from_the_future"):
+        AdaptiveGenerator.load(folder, tiny)
+    gen.save(folder)
+    _gen(tiny, task, scale=3.0).save(tmp_path / "h")  # a config.json of another save
+    (folder / "config.json").write_text((tmp_path / "h" / "config.json").read_text())
+    with pytest.raises(TvlensError, match="different saves"):
+        AdaptiveGenerator.load(folder, tiny)
 
 
 # ----- bad input ------------------------------------------------------------------------

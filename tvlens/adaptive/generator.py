@@ -16,12 +16,12 @@ and each target layer ``l_i`` gets ``λ · V(q)_i`` **added** to its output
 Parameters of the expansion: ``d_gen·L·d_model + L·d_model`` (full) or
 ``d_gen·r + r·L·d_model + L·d_model`` (low rank) — :func:`expansion_parameter_count`.
 
-Injection goes through :mod:`tvlens.injection` only: per batch, an
-``InjectionSpec(layers, (position,), vectors=[batch, L, 1, d_model], mode="add", scale=λ)``.
-Gradients flow through the spec into the expansion and the encoder. Because the
-generator has ``hooks(model, batch)``, ``tvlens.evaluate(model, task, vector=gen,
-template=gen.config.target_template)`` scores it; :meth:`AdaptiveGenerator.task_vector`
-returns the vector of each query as a :class:`~tvlens.vector.TaskVector`.
+The generator is an intervention (:mod:`tvlens.interventions`): per batch, its hooks are
+a ``ResidualEdit(layers, (position,), vectors=[batch, L, 1, d_model], mode="add",
+scale=λ)``. Gradients flow through it into the expansion and the encoder.
+``tvlens.evaluate(model, task, vector=gen)`` scores it on prompts in ``gen.template``
+(the target's format); :meth:`AdaptiveGenerator.task_vector` returns each query's vector
+as a :class:`~tvlens.vector.TaskVector`. Settings come from :class:`~tvlens.methods.ATVConfig`.
 
 Reference: Kang et al., "Adaptive Task Vectors for Large Language Models" (2025).
 The released code uses λ = 0.001 on Llama-3-8B's raw hidden states with the default
@@ -33,68 +33,29 @@ accuracy (docs/results/adaptive.md).
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from tvlens.errors import TvlensError
-from tvlens.injection import InjectionSpec, check_layer, injection_hooks
+from tvlens.interventions import Intervention, ResidualEdit, check_layer
+from tvlens.io import load_tensors, read_json, save_tensors, write_json
+from tvlens.methods import ATVConfig
 from tvlens.models.loading import ModelFingerprint, fingerprint
 from tvlens.prompts import PromptBatch
 
+from tvlens.adaptive.config import (DEFAULT_QUERY_TEMPLATE, AdaptiveConfig,  # noqa: F401
+                                    atv_settings, check_scale)
 from tvlens.adaptive.encoders import POOLINGS, BridgeEncoder, build_encoder
 
 POSITIONS = ("last", "all")
 WEIGHTS_FILE = "generator.safetensors"
 CONFIG_FILE = "config.json"
-DEFAULT_QUERY_TEMPLATE = "Q: {x}\nA:"
-
-
-def check_scale(scale) -> float:
-    """λ must be a finite non-zero number (λ = 0 would inject nothing and learn nothing)."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TvlensError(f"λ (scale) must be a finite number, got {scale!r}")
-    if scale == 0:
-        raise TvlensError("λ (scale) = 0 injects nothing and gives no gradient; use e.g. 1.0")
-    return float(scale)
-
-
-@dataclass(frozen=True)
-class AdaptiveConfig:
-    """How an adaptive generator was built; saved as ``config.json`` next to its weights.
-
-    Attributes:
-        encoder: JSON spec rebuilding the encoder (see :func:`build_encoder`).
-        layers: target layers receiving a vector.
-        position: ``"last"`` or ``"all"``.
-        scale: λ.
-        rank: low-rank bottleneck of the expansion (``None``: full).
-        pooling: ``"last"`` or ``"mean"``.
-        query_template: how the generator reads a query (must contain ``{x}``).
-        target_template: the template of the target's prompts (a tvlens template name or
-            demo string); pass it to ``evaluate``.
-        target: fingerprint of the target model.
-    """
-
-    encoder: dict[str, Any]
-    layers: tuple[int, ...]
-    target: dict[str, Any]
-    position: str = "last"
-    scale: float = 1.0
-    rank: int | None = None
-    pooling: str = "last"
-    query_template: str = DEFAULT_QUERY_TEMPLATE
-    target_template: str = "qa"
-    history: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+WEIGHTS_KEY = "tvlens_atv"  # the config, as JSON, in the weights file's header too
+_DEFAULTS = ATVConfig()
 
 
 class Expansion(nn.Module):
@@ -126,8 +87,12 @@ def expansion_parameter_count(d_gen: int, n_layers: int, d_model: int, rank: int
     return d_gen * out + out if rank is None else d_gen * rank + rank * out + out
 
 
-class AdaptiveGenerator(nn.Module):
-    """Encoder + expansion: query strings → per-layer vectors for one target model."""
+class AdaptiveGenerator(nn.Module, Intervention):
+    """Encoder + expansion: query strings → per-layer vectors for one target model.
+
+    An intervention (``hooks(model, batch)``): ``evaluate(model, task, vector=gen)``
+    writes the prompts in ``gen.template`` and composes with others (``gen + patch``).
+    """
 
     method = "atv"
 
@@ -151,6 +116,16 @@ class AdaptiveGenerator(nn.Module):
         return ModelFingerprint.from_dict(self.config.target)
 
     @property
+    def made_for(self) -> ModelFingerprint:
+        """The target model's fingerprint (composition checks read it)."""
+        return self.target
+
+    @property
+    def template(self) -> str:
+        """The target's prompt format (``evaluate`` uses it unless told otherwise)."""
+        return self.config.target_template
+
+    @property
     def layers(self) -> tuple[int, ...]:
         return tuple(self.config.layers)
 
@@ -167,10 +142,10 @@ class AdaptiveGenerator(nn.Module):
             raise TvlensError("no queries to generate vectors for")
         return self.expansion(self.encoder.encode(self.queries(list(xs))).float())
 
-    def spec(self, xs: list[str], *, scale: float | None = None) -> InjectionSpec:
+    def spec(self, xs: list[str], *, scale: float | None = None) -> ResidualEdit:
         v = self.generate(xs).unsqueeze(2)  # [B, L, 1, d_model]
-        return InjectionSpec(self.layers, (self.config.position,), v, "add",
-                             self.scale if scale is None else check_scale(scale))
+        return ResidualEdit(self.layers, (self.config.position,), v, "add",
+                            self.scale if scale is None else check_scale(scale))
 
     def check_model(self, model) -> None:
         theirs = fingerprint(model)
@@ -183,7 +158,7 @@ class AdaptiveGenerator(nn.Module):
     def hooks(self, model, batch: PromptBatch, *, scale: float | None = None):
         """``fwd_hooks`` adding each example's own ``λ·V(x_b)`` to ``batch`` (``evaluate`` calls this)."""
         self.check_model(model)
-        return injection_hooks(model, batch, self.spec([e.x for e in batch.examples], scale=scale))
+        return self.spec([e.x for e in batch.examples], scale=scale).hooks(model, batch)
 
     def scaled(self, scale: float) -> ScaledGenerator:
         """A view injecting with λ = ``scale`` (for λ sweeps); shares the weights."""
@@ -192,14 +167,16 @@ class AdaptiveGenerator(nn.Module):
     @torch.no_grad()
     def task_vector(self, xs: str | list[str], *, task: str | None = None):
         """The generated vector(s) as a :class:`TaskVector`: ``[L, 1, d]`` for one query
-        string, ``[batch, L, 1, d]`` for a list (add mode, scale λ)."""
+        string, ``[batch, L, 1, d]`` for a list (add mode, scale λ; its ``template`` is
+        the target's format)."""
         from tvlens.vector import TaskVector
 
         single = isinstance(xs, str)
         v = self.generate([xs] if single else list(xs)).unsqueeze(2)
         return TaskVector(v[0] if single else v, self.layers, (self.config.position,), self.target,
                           mode="add", scale=self.scale, method="atv", task=task,
-                          hyperparameters={"queries": [xs] if single else list(xs),
+                          hyperparameters={**self.config.settings.to_dict(), "template": self.template,
+                                           "queries": [xs] if single else list(xs),
                                            "encoder": self.config.encoder.get("kind")})
 
     # ----- parameters and files ------------------------------------------------------
@@ -210,9 +187,8 @@ class AdaptiveGenerator(nn.Module):
         return {n: p.detach().cpu().contiguous().clone() for n, p in self.named_parameters()}
 
     def save(self, folder: str | Path, *, history: dict | None = None) -> Path:
-        """Write ``generator.safetensors`` (encoder + expansion) and ``config.json`` into ``folder``."""
-        from safetensors.torch import save_file
-
+        """Write ``generator.safetensors`` (encoder + expansion, with the config in its
+        header) and ``config.json`` into ``folder``, each atomically (:mod:`tvlens.io`)."""
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise TvlensError(f"{str(folder)!r} is a file; give a folder to save the generator in")
@@ -220,10 +196,9 @@ class AdaptiveGenerator(nn.Module):
             raise TvlensError(f"folder {str(folder.parent)!r} does not exist; create it first")
         folder.mkdir(exist_ok=True)
         cfg = self.config if history is None else replace(self.config, history=history)
-        tmp = folder / (WEIGHTS_FILE + ".tmp")
-        save_file(self._named_tensors(), str(tmp))
-        tmp.replace(folder / WEIGHTS_FILE)
-        (folder / CONFIG_FILE).write_text(cfg.to_json(), encoding="utf-8")
+        save_tensors(folder / WEIGHTS_FILE, self._named_tensors(), {"config": cfg.to_dict()},
+                     key=WEIGHTS_KEY)
+        write_json(folder / CONFIG_FILE, cfg.to_dict())
         return folder
 
     def load_weights(self, tensors: dict[str, Tensor]) -> None:
@@ -242,19 +217,20 @@ class AdaptiveGenerator(nn.Module):
     @classmethod
     def load(cls, folder: str | Path, target) -> AdaptiveGenerator:
         """Rebuild a saved generator for ``target``; refuse one trained for another model."""
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
         if not cfg_path.is_file() or not w_path.is_file():
             raise TvlensError(f"{str(folder)!r} holds no saved generator ({CONFIG_FILE} and "
                               f"{WEIGHTS_FILE}); train one with `tvlens adaptive train`")
+        data = read_json(cfg_path, what="generator config")
         try:
-            data = json.loads(cfg_path.read_text(encoding="utf-8"))
-            data["layers"] = tuple(data["layers"])
-            config = AdaptiveConfig(**data)
-        except (json.JSONDecodeError, TypeError, KeyError) as err:
+            config = AdaptiveConfig.from_dict(data)
+        except (TvlensError, TypeError) as err:
             raise TvlensError(f"{str(cfg_path)!r} is not a valid generator config: {err}") from None
+        tensors, meta = load_tensors(w_path, key=WEIGHTS_KEY, what="tvlens ATV generator")
+        if meta.get("config") != data:
+            raise TvlensError(f"{WEIGHTS_FILE} and {CONFIG_FILE} in {str(folder)!r} come from "
+                              "different saves (an interrupted save?); save the generator again")
         saved = ModelFingerprint.from_dict(config.target)
         if fingerprint(target) != saved:
             raise TvlensError(
@@ -263,11 +239,11 @@ class AdaptiveGenerator(nn.Module):
             )
         encoder = build_encoder(config.encoder, config.pooling, device=target.cfg.device)
         gen = cls(encoder, config).to(target.cfg.device)
-        gen.load_weights(load_file(str(w_path)))
+        gen.load_weights(tensors)
         return gen
 
 
-class ScaledGenerator:
+class ScaledGenerator(Intervention):
     """``gen`` injected with another λ (what :meth:`AdaptiveGenerator.scaled` returns)."""
 
     method = "atv"
@@ -275,25 +251,42 @@ class ScaledGenerator:
     def __init__(self, gen: AdaptiveGenerator, scale: float):
         self.gen, self.scale = gen, scale
 
+    @property
+    def made_for(self) -> ModelFingerprint:
+        return self.gen.made_for
+
+    @property
+    def template(self) -> str:
+        return self.gen.template
+
     def hooks(self, model, batch: PromptBatch):
         return self.gen.hooks(model, batch, scale=self.scale)
+
+
+def _rng_fork(device):
+    """``torch.random.fork_rng`` over the CPU and ``device``'s generator: seeding inside
+    leaves the caller's global RNG state as it was."""
+    dev = torch.device(device)
+    cuda = [dev.index or 0] if dev.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
 
 
 def make_generator(
     target,
     generator="native",
     *,
+    config: ATVConfig | None = None,
     layers=None,
-    position: str = "last",
-    scale: float = 1.0,
-    rank: int | None = None,
-    pooling: str = "last",
-    query_template: str = DEFAULT_QUERY_TEMPLATE,
-    target_template: str = "qa",
-    init: str = "zeros",
+    position: str = _DEFAULTS.position,
+    scale: float = _DEFAULTS.scale,
+    rank: int | None = _DEFAULTS.rank,
+    pooling: str = _DEFAULTS.pooling,
+    query_template: str = _DEFAULTS.query_template,
+    target_template: str = _DEFAULTS.target_template,
+    init: str = _DEFAULTS.init,
     texts: list[str] | None = None,
     native: dict | None = None,
-    seed: int = 0,
+    seed: int = _DEFAULTS.seed,
 ) -> AdaptiveGenerator:
     """Build an untrained generator for ``target``.
 
@@ -301,13 +294,20 @@ def make_generator(
         generator: ``"native"`` (a tiny LM over ``texts``, shaped by ``native`` kwargs of
             ``tiny_model``), ``"minilm"``, or a model name for ``load_model`` (e.g.
             ``"smollm2-135m"``: a separate copy, so the target stays frozen).
+        config: the settings as an :class:`~tvlens.methods.ATVConfig`; the keywords below
+            that differ from their defaults override it.
         layers: target layers (default: all of them).
         texts: for ``"native"``: strings its word tokenizer must cover (the queries).
-        seed: seeds the native encoder's and the expansion's initialisation.
+        seed: seeds the native encoder's and the expansion's initialisation (in a forked
+            RNG: the caller's global RNG state is left as it was).
     """
     if generator is target:
         raise TvlensError("the generator must be a separate model from the frozen target; "
                           "pass a model name so a copy is loaded")
+    cfg = atv_settings(config, position=position, scale=scale, rank=rank, pooling=pooling,
+                       query_template=query_template, target_template=target_template,
+                       init=init, seed=seed)
+    check_scale(cfg.scale)
     n = int(target.cfg.n_layers)
     layers = tuple(range(n)) if layers is None else tuple(int(x) for x in layers)
     if not layers:
@@ -315,12 +315,12 @@ def make_generator(
     for layer in layers:
         check_layer(target, layer, what="target layer")
     device = target.cfg.device
-    torch.manual_seed(seed)
     if generator == "native":
         if not texts:
             raise TvlensError("a native generator needs texts=[...] (the queries it will read)")
-        kwargs = {"n_layers": 2, "d_model": 64, "n_heads": 4, "seed": seed, **(native or {})}
-        spec = {"kind": "native", "texts": sorted({query_template.replace("{x}", t) for t in texts}),
+        kwargs = {"n_layers": 2, "d_model": 64, "n_heads": 4, "seed": cfg.seed, **(native or {})}
+        spec = {"kind": "native",
+                "texts": sorted({cfg.query_template.replace("{x}", t) for t in texts}),
                 "kwargs": kwargs}
     elif generator == "minilm":
         spec = {"kind": "minilm"}
@@ -328,13 +328,14 @@ def make_generator(
         spec = {"kind": "bridge", "name": generator}
     else:
         raise TvlensError(f"generator must be 'native', 'minilm' or a model name, got {generator!r}")
-    encoder = build_encoder(spec, pooling, device=device)
     config = AdaptiveConfig(encoder=spec, layers=layers, target=fingerprint(target).to_dict(),
-                            position=position, scale=check_scale(scale), rank=rank, pooling=pooling,
-                            query_template=query_template, target_template=target_template)
-    torch.manual_seed(seed)
-    return AdaptiveGenerator(encoder, config, init=init).to(device)
+                            settings=cfg.replace(scale=float(cfg.scale)))
+    with _rng_fork(device):
+        torch.manual_seed(cfg.seed)
+        encoder = build_encoder(spec, cfg.pooling, device=device)
+        torch.manual_seed(cfg.seed)
+        return AdaptiveGenerator(encoder, config, init=cfg.init).to(device)
 
 
 __all__ = ["AdaptiveConfig", "AdaptiveGenerator", "BridgeEncoder", "Expansion", "ScaledGenerator",
-           "check_scale", "expansion_parameter_count", "make_generator"]
+           "atv_settings", "check_scale", "expansion_parameter_count", "make_generator"]

@@ -5,34 +5,42 @@ teacher-forced cross-entropy of the answer tokens with the generated vectors inj
 
     L(θ) = E_{(x, y)} [ −(1/|y|) Σ_j log p_target(y_j | prompt(x), y_<j ; + λ·V_θ(x)) ]
 
-(:func:`tvlens.scoring.answer_nll` with the generator's hooks). Adam, lr 5e-4, weight
-decay 1e-5 (the paper's defaults). Every epoch visits the training pairs in an order
+(:func:`tvlens.runner.run` with the generator as the intervention, ``logits="answer"``,
+``grad=True``). Adam, lr 5e-4, weight decay 1e-5 (the paper's defaults, in
+:class:`~tvlens.methods.ATVConfig`). Every epoch visits the training pairs in an order
 drawn from ``(seed, epoch)`` only, so a run resumed from a checkpoint takes the same
-steps as one that was never interrupted. Checkpoints (``checkpoint.safetensors`` with
-the weights and ``checkpoint.pt`` with the optimizer state, loaded ``weights_only``) are
-written every ``checkpoint_every`` steps and at the end of each epoch.
+steps as one that was never interrupted. A checkpoint is one safetensors file written
+atomically (:func:`tvlens.io.save_tensors`): the generator's weights, Adam's state
+flattened into named tensors, and as JSON the optimizer's other state, the history and
+the config; written every ``checkpoint_every`` steps and at the end of each epoch.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from tvlens.errors import TvlensError
-from tvlens.prompts import make_examples, tokenize
-from tvlens.scoring import answer_nll
+from tvlens.io import load_tensors, save_tensors, versions
+from tvlens.methods import ATVConfig
+from tvlens.prompts import PromptSet, make_examples
+from tvlens.runner import run
 from tvlens.tasks.task import Task
 
+from tvlens.adaptive.config import atv_settings
 from tvlens.adaptive.generator import AdaptiveGenerator
 
-CKPT_WEIGHTS, CKPT_STATE, CKPT_META = "checkpoint.safetensors", "checkpoint.pt", "checkpoint.json"
+CKPT_FILE, CKPT_KEY = "checkpoint.safetensors", "tvlens_atv_checkpoint"
+_DEFAULTS = ATVConfig()
 
 
 def training_pairs(tasks: Sequence[Task], n_per_task: int | None = None) -> list[tuple[str, str, str]]:
@@ -78,12 +86,13 @@ def train_generator(
     generator: AdaptiveGenerator,
     tasks: Sequence[Task],
     *,
-    epochs: int = 3,
-    batch_size: int = 16,
-    n_per_task: int | None = None,
-    lr: float = 5e-4,
-    weight_decay: float = 1e-5,
-    seed: int = 0,
+    config: ATVConfig | None = None,
+    epochs: int = _DEFAULTS.epochs,
+    batch_size: int = _DEFAULTS.batch_size,
+    n_per_task: int | None = _DEFAULTS.n_per_task,
+    lr: float = _DEFAULTS.lr,
+    weight_decay: float = _DEFAULTS.weight_decay,
+    seed: int = _DEFAULTS.seed,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 50,
     resume: bool = False,
@@ -93,35 +102,46 @@ def train_generator(
     """Train ``generator`` (in place) to help the frozen ``target`` on ``tasks``.
 
     Args:
+        config: the training settings (``epochs``, ``batch_size``, ``n_per_task``, ``lr``,
+            ``weight_decay``, ``seed``) as an :class:`~tvlens.methods.ATVConfig`; the
+            keywords below that differ from their defaults override it.
         epochs, batch_size: passes over the pooled training pairs, and pairs per step.
         n_per_task: use the first ``n_per_task`` train pairs of each task (paper: ~90).
         lr, weight_decay: Adam (paper: 5e-4, 1e-5).
+        seed: the data order.
         checkpoint_dir: where checkpoints go; with ``resume=True`` training continues
             from the checkpoint found there (same data order, same optimizer state).
         max_steps: stop after this many steps in total (counting resumed ones).
 
     Returns:
         ``{"loss": [per-step mean loss], "steps": int, "seconds": float, "tasks": [...]}``.
+        The training settings are recorded in ``generator.config.settings``.
     """
     generator.check_model(target)
+    cfg = atv_settings(config, epochs=epochs, batch_size=batch_size, n_per_task=n_per_task,
+                       lr=lr, weight_decay=weight_decay, seed=seed)
+    epochs, batch_size, lr, seed = cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed
     if epochs < 1 or batch_size < 1:
         raise TvlensError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     if not (lr > 0):
         raise TvlensError(f"lr must be positive, got {lr}")
-    data = training_pairs(tasks, n_per_task)
+    data = training_pairs(tasks, cfg.n_per_task)
     template = generator.config.target_template
     opt = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=lr,
-                           weight_decay=weight_decay)
+                           weight_decay=cfg.weight_decay)
     history = {"loss": [], "steps": 0, "seconds": 0.0, "tasks": [t.name for t in tasks],
-               "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed}
+               "lr": lr, "weight_decay": cfg.weight_decay, "batch_size": batch_size, "seed": seed}
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
         ckpt.mkdir(parents=True, exist_ok=True)
     if resume:
-        if ckpt is None or not (ckpt / CKPT_META).is_file():
+        if ckpt is None or not (ckpt / CKPT_FILE).is_file():
             raise TvlensError("resume=True needs a checkpoint_dir holding a checkpoint "
-                              f"({CKPT_META}); train without resume first")
+                              f"({CKPT_FILE}); train without resume first")
         history = _load_checkpoint(ckpt, generator, opt)
+    kept = {k: getattr(cfg, k) for k in ("epochs", "batch_size", "n_per_task", "lr", "weight_decay")}
+    generator.config = replace(generator.config, settings=generator.config.settings.replace(**kept),
+                               versions=versions())
     steps_per_epoch = (len(data) + batch_size - 1) // batch_size
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
     step = history["steps"]
@@ -134,8 +154,11 @@ def train_generator(
             order = list(range(len(data)))
             random.Random(seed * 1_000_003 + epoch).shuffle(order)
             chunk = [data[j] for j in order[i * batch_size:(i + 1) * batch_size]]
-            batch = tokenize(target, make_examples([(x, y) for _, x, y in chunk]), template)
-            loss = answer_nll(target, batch, generator.hooks(target, batch)).mean()
+            prompts = PromptSet.from_examples(target, make_examples([(x, y) for _, x, y in chunk]),
+                                              template, split="train")
+            out = run(target, prompts, generator, logits="answer", batch_size=None, grad=True,
+                      progress=False)
+            loss = (-(out.answer_logprobs.sum(-1) / out.answer_mask.sum(-1))).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -153,30 +176,52 @@ def train_generator(
     return history
 
 
-def _save_checkpoint(folder: Path, generator, opt, history: dict) -> None:
-    from safetensors.torch import save_file
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """An optimizer's ``state_dict`` as named tensors (``state.{param}.{name}``) and JSON
+    (the param groups and any non-tensor state): what safetensors can hold, no pickle."""
+    sd = opt.state_dict()
+    tensors, other = {}, {}
+    for idx, entries in sd["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, Tensor):
+                tensors[f"state.{idx}.{name}"] = value
+            else:
+                other.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "state": other}
 
-    tmp = folder / (CKPT_WEIGHTS + ".tmp")
-    save_file(generator._named_tensors(), str(tmp))
-    tmp.replace(folder / CKPT_WEIGHTS)
-    torch.save(opt.state_dict(), folder / (CKPT_STATE + ".tmp"))
-    (folder / (CKPT_STATE + ".tmp")).replace(folder / CKPT_STATE)
-    (folder / CKPT_META).write_text(json.dumps({"history": history,
-                                                "config": json.loads(generator.config.to_json())}),
-                                    encoding="utf-8")
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, Tensor],
+                           meta: dict[str, Any]) -> None:
+    """Inverse of :func:`optimizer_tensors` into ``opt`` (tuples, e.g. Adam's betas, restored)."""
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["state"].items()}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    groups = []
+    for saved, current in zip(meta["param_groups"], opt.param_groups):
+        groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _save_checkpoint(folder: Path, generator, opt, history: dict) -> None:
+    opt_tensors, opt_meta = optimizer_tensors(opt)
+    tensors = {**{f"generator.{k}": v for k, v in generator._named_tensors().items()},
+               **{f"optimizer.{k}": v for k, v in opt_tensors.items()}}
+    save_tensors(folder / CKPT_FILE, tensors, {"history": history, "optimizer": opt_meta,
+                                               "config": generator.config.to_dict()}, key=CKPT_KEY)
 
 
 def _load_checkpoint(folder: Path, generator, opt) -> dict:
-    from safetensors.torch import load_file
-
-    meta = json.loads((folder / CKPT_META).read_text(encoding="utf-8"))
+    tensors, meta = load_tensors(folder / CKPT_FILE, key=CKPT_KEY, what="tvlens ATV checkpoint")
     saved = meta["config"]
     if saved["target"] != generator.config.target or list(saved["layers"]) != list(generator.layers):
         raise TvlensError(f"the checkpoint in {str(folder)!r} was made for another target model or "
                           "layers; resume with the same target and generator settings")
-    generator.load_weights(load_file(str(folder / CKPT_WEIGHTS)))
-    opt.load_state_dict(torch.load(folder / CKPT_STATE, weights_only=True))
+    part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    generator.load_weights(part("generator."))
+    load_optimizer_tensors(opt, part("optimizer."), meta["optimizer"])
     return meta["history"]
 
 
-__all__ = ["check_unseen", "frozen", "train_generator", "training_pairs"]
+__all__ = ["check_unseen", "frozen", "load_optimizer_tensors", "optimizer_tensors",
+           "train_generator", "training_pairs"]

@@ -5,9 +5,12 @@
   paper used layer 16 of 32 on Llama-3.1-8B but its sweep peaks earlier on small models);
 - :func:`composed_task` / :func:`composition` — learn θ_A and θ_B for two tasks, add
   them, and evaluate θ_A + θ_B on the composed task x ↦ B(A(x));
-- :func:`layer_sweep` — accuracy by layer of LTV against the extracted vectors (ICL task
-  vector, and the vanilla vector and function vector when :mod:`tvlens.extract` has
-  them), with zero-shot and ICL as references: the shape of the LTV paper's Figure 2.
+- :func:`compare_methods_by_layer` — accuracy by layer of LTV *against* the extracted
+  vectors (ICL task vector, and the vanilla vector and function vector when
+  :mod:`tvlens.extract` has them), with zero-shot and ICL as references: the shape of the
+  LTV paper's Figure 2. (:func:`tvlens.extract.layer_sweep` sweeps *one* extraction
+  method and returns a ``LayerSweep``; this one trains an LTV per layer and returns one
+  curve per method.)
 """
 
 from __future__ import annotations
@@ -99,8 +102,8 @@ def composition(model, first: str, second: str, layer: int, *, n: int | None = N
     return pd.DataFrame(rows).assign(task=tc.name, layer=layer)
 
 
-def extractors(include_fv: bool = True, template: str = "arrow") -> tuple[dict[str, Callable], list[str]]:
-    """Extracted-vector methods available now: name → fn(model, task, layer); and the missing.
+def extractors(include_fv: bool = True, template: str = "arrow") -> dict[str, Callable]:
+    """The extracted-vector methods to compare with: name → fn(model, task, layer).
 
     The function vector does not depend on the layer it is added at (a sum of head
     outputs), so it is computed once per task and moved between layers.
@@ -110,13 +113,9 @@ def extractors(include_fv: bool = True, template: str = "arrow") -> tuple[dict[s
     import tvlens.extract as ex
 
     found: dict[str, Callable] = {
-        "ICL-TV": lambda m, t, layer: ex.icl_task_vector(m, t, [layer], template=template)}
-    missing = []
-    if hasattr(ex, "vanilla_task_vector"):
-        found["vanilla"] = lambda m, t, layer: ex.vanilla_task_vector(m, t, [layer], template=template)
-    else:
-        missing.append("vanilla")
-    if include_fv and hasattr(ex, "function_vector"):
+        "ICL-TV": lambda m, t, layer: ex.icl_task_vector(m, t, [layer], template=template),
+        "vanilla": lambda m, t, layer: ex.vanilla_task_vector(m, t, [layer], template=template)}
+    if include_fv:
         memo: dict[str, Any] = {}
 
         def fv(m, t, layer):
@@ -125,24 +124,22 @@ def extractors(include_fv: bool = True, template: str = "arrow") -> tuple[dict[s
             return dataclasses.replace(memo[t.name], layers=(layer,))
 
         found["FV"] = fv
-    else:
-        missing.append("FV")
-    return found, missing
+    return found
 
 
-def layer_sweep(model, task: str | Task, layers: Sequence[int], *, n: int | None = None,
-                shots: int = 5, progress: bool = False, include_fv: bool = True,
-                template: str = "arrow", **train_kwargs
-                ) -> tuple[dict[str, pd.DataFrame], dict[str, tuple[float, float, float]], list[str]]:
+def compare_methods_by_layer(model, task: str | Task, layers: Sequence[int], *, n: int | None = None,
+                             shots: int = 5, progress: bool = False, include_fv: bool = True,
+                             template: str = "arrow", **train_kwargs
+                             ) -> tuple[dict[str, pd.DataFrame], dict[str, tuple[float, float, float]]]:
     """Accuracy by layer of LTV and the extracted vectors; zero-shot and ICL references.
 
-    Returns ``(curves, references, missing)``: ``curves`` maps a method to a DataFrame
-    ``(layer, accuracy, ci_low, ci_high)`` for :func:`tvlens.plots.accuracy_by_layer`,
-    ``references`` maps "zero-shot" and "ICL k-shot" to ``(acc, lo, hi)``, ``missing``
-    lists the extraction methods not available in this checkout.
+    Returns ``(curves, references)``: ``curves`` maps a method (LTV, ICL-TV, vanilla, FV)
+    to a DataFrame ``(name, accuracy, ci_low, ci_high, n, layer)`` for
+    :func:`tvlens.plots.accuracy_by_layer`, ``references`` maps "zero-shot" and
+    "ICL k-shot" to ``(acc, lo, hi)``. Every accuracy comes from :func:`evaluate`.
     """
     task = load_task(task) if isinstance(task, str) else task
-    methods, missing = extractors(include_fv, template)
+    methods = extractors(include_fv, template)
     kw = dict(n=n, progress=False, template=template)
     rows: dict[str, list[dict]] = {"LTV": [], **{k: [] for k in methods}}
     for layer in layers:
@@ -157,4 +154,4 @@ def layer_sweep(model, task: str | Task, layers: Sequence[int], *, n: int | None
     icl = evaluate(model, task, shots=shots, **kw)
     refs = {"zero-shot": (zs.accuracy, zs.ci_low, zs.ci_high),
             f"ICL {shots}-shot": (icl.accuracy, icl.ci_low, icl.ci_high)}
-    return {k: pd.DataFrame(v) for k, v in rows.items()}, refs, missing
+    return {k: pd.DataFrame(v) for k, v in rows.items()}, refs

@@ -6,14 +6,17 @@ that hook point. So for a fixed (teacher-forced) batch the residual
 
     h_l = block_l ∘ … ∘ block_0 ∘ embed (ids)          [batch, seq, d_model]
 
-is a constant of training. It is computed once, without gradients (the forward stops at
-the hook by raising a private exception), and every training step then runs only blocks
-l+1 … L−1 (plus the final norm and unembedding):
+is a constant of training. It is captured once, without gradients, by
+:func:`tvlens.runner.run` (``capture=[blocks.{l}.hook_resid_post]``, ``capture_at=None``,
+``logits="answer"``: the same teacher-forced rows the loss runs on) with blocks l+1 … L−1
+skipped (so only blocks 0..l run; the logits of that forward are discarded), and every
+training step then runs only blocks l+1 … L−1 (plus the final norm and unembedding):
 
-- blocks 0..l are *skipped*: each ``model.blocks[i].original_component`` is swapped for
-  :class:`SkipBlock`, which returns its hidden-states input unchanged, in the same form
-  the real block returns it (a bare tensor for the HF Llama decoder layer in
-  transformers 5, a 1-tuple for the TransformerLens-native block);
+- blocks 0..l are *skipped*: each block's wrapped layer is swapped for
+  :class:`SkipBlock` (through :func:`tvlens.compat.swap_original_component`), which
+  returns its hidden-states input unchanged, in the same form the real layer returns it
+  (a bare tensor for the HF Llama decoder layer in transformers 5, a 1-tuple for the
+  TransformerLens-native block);
 - a hook at ``blocks.{l}.hook_resid_post``, registered *before* the injection hooks at
   that point, replaces the (now meaningless) residual by the cached h_l; the injection
   hooks then add θ exactly as in the full forward.
@@ -25,8 +28,8 @@ swapped module is restored in a ``finally``.
 The cache is exact (same inputs, same frozen weights), so the loss and ∂loss/∂θ agree
 with the full forward up to floating-point reordering (≤ 1e-5, tested). It is refused,
 and training falls back to the full forward, where it does not hold or does not pay:
-the model's blocks are not ``BlockBridge`` wrappers with an ``original_component`` (no
-way to skip them), or the cache would not fit the memory budget.
+the model's blocks wrap no swappable layer (:func:`tvlens.compat.has_original_component`),
+or the cache would not fit the memory budget.
 """
 
 from __future__ import annotations
@@ -35,30 +38,32 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
 
-from tvlens.injection import Hook, resid_hook_name
+from tvlens.compat import has_original_component, original_component, swap_original_component
+from tvlens.interventions import Hook, resid_hook_name
+from tvlens.prompts import PromptBatch, TeacherForcedBatch
+from tvlens.runner import run
 
 CACHE_BUDGET_BYTES = 2 * 1024**3
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once the cached residual is stored."""
 
 
 class SkipBlock(nn.Module):
     """Stands in for a decoder block: returns the hidden states it is given.
 
-    ``as_tuple`` mirrors the replaced block's return convention (``(h,)`` vs ``h``).
+    ``as_tuple`` mirrors the replaced block's return convention (``(h,)`` vs ``h``);
+    ``None`` reads it, at call time, from ``form["tuple"]`` (noted by an earlier block).
     """
 
-    def __init__(self, as_tuple: bool):
+    def __init__(self, as_tuple: bool | None, form: dict | None = None):
         super().__init__()
         self.as_tuple = as_tuple
+        self.form = form
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
-        return (hidden_states,) if self.as_tuple else hidden_states
+        as_tuple = self.as_tuple if self.as_tuple is not None else self.form["tuple"]
+        return (hidden_states,) if as_tuple else hidden_states
 
 
 def prefix_cache_support(model, layer: int) -> tuple[bool, str]:
@@ -67,9 +72,8 @@ def prefix_cache_support(model, layer: int) -> tuple[bool, str]:
     if blocks is None:
         return False, "the model has no .blocks list"
     for i in range(layer + 1):
-        block = blocks[i]
-        if "_original_component" not in getattr(block, "_modules", {}):
-            return False, f"block {i} ({type(block).__name__}) has no original_component to skip"
+        if not has_original_component(blocks[i]):
+            return False, f"block {i} ({type(blocks[i]).__name__}) has no original_component to skip"
     return True, ""
 
 
@@ -78,53 +82,57 @@ def cache_nbytes(n_rows: int, seq: int, d_model: int, dtype=torch.float32) -> in
 
 
 @torch.no_grad()
-def capture_prefix(model, input_ids: Int[Tensor, "batch seq"],
-                   attention_mask: Int[Tensor, "batch seq"], layer: int,
-                   *, chunk: int = 32) -> tuple[Float[Tensor, "batch seq d_model"], bool]:
-    """h_l = ``blocks.{layer}.hook_resid_post`` for every row, and the block return form.
+def capture_prefix(model, batch: TeacherForcedBatch | PromptBatch, layer: int
+                   ) -> tuple[Float[Tensor, "batch seq d_model"], bool]:
+    """h_l = ``blocks.{layer}.hook_resid_post`` over the teacher-forced rows of ``batch``,
+    and whether block 0's wrapped layer returns a tuple.
 
-    The forward stops right after the hook (blocks > ``layer`` never run). Returns the
-    residual ``[batch, seq, d_model]`` and whether block 0 returns a tuple.
+    ``batch`` is a :class:`TeacherForcedBatch` (its prompts are used: the runner appends
+    the answers the same way) or a prompt batch. Returns ``[batch, prompt + answer
+    columns, d_model]`` on the model's device, columns aligned with ``with_answers(batch)``.
+    Blocks after ``layer`` are skipped during the capture (they never run). One forward
+    over all rows: the runner's chunks are each teacher-forced to their own answer width,
+    so whole-sequence captures of several chunks do not line up.
     """
+    prompts = batch.prompt if isinstance(batch, TeacherForcedBatch) else batch
     name = resid_hook_name(layer)
-    device = model.cfg.device
-    out: list[Tensor] = []
-    form: dict[str, bool] = {}
-
-    def grab(act, hook=None):
-        out.append(act.detach().clone())
-        raise _StopForward
-
-    def note_form(_module, _args, output):
-        form.setdefault("tuple", isinstance(output, tuple))
-
-    handle = model.blocks[0].original_component.register_forward_hook(note_form)
-    try:
-        for start in range(0, input_ids.shape[0], chunk):
-            with model.hooks(fwd_hooks=[(name, grab)]):
-                try:
-                    model(input_ids[start : start + chunk].to(device),
-                          attention_mask=attention_mask[start : start + chunk].to(device))
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
-    return torch.cat(out, dim=0), form.get("tuple", False)
+    later = range(layer + 1, int(model.cfg.n_layers))
+    with _block_form(model) as form, skipped_blocks(model, later, None, form):
+        out = run(model, prompts, capture=[name], capture_at=None, logits="answer",
+                  batch_size=None, progress=False)
+    cache = out.captured[name].to(model.cfg.device)
+    if isinstance(batch, TeacherForcedBatch) and cache.shape[:2] != batch.input_ids.shape:
+        raise RuntimeError(f"captured residual {tuple(cache.shape)} does not match the "
+                           f"teacher-forced batch {tuple(batch.input_ids.shape)}")
+    return cache, form.get("tuple", False)
 
 
 @contextmanager
-def skipped_blocks(model, layers: Sequence[int], as_tuple: bool):
-    """Swap ``model.blocks[i].original_component`` for a :class:`SkipBlock` in the body."""
+def _block_form(model):
+    """Note, in the yielded dict, whether block 0's wrapped layer returns a tuple."""
+    form: dict[str, bool] = {}
+
+    def note(_module, _args, output):
+        form.setdefault("tuple", isinstance(output, tuple))
+
+    handle = original_component(model.blocks[0]).register_forward_hook(note)
+    try:
+        yield form
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def skipped_blocks(model, layers: Sequence[int], as_tuple: bool | None, form: dict | None = None):
+    """Swap the wrapped layer of ``model.blocks[i]`` for a :class:`SkipBlock` in the body."""
     saved = {}
     try:
         for i in layers:
-            block = model.blocks[i]
-            saved[i] = block._modules["_original_component"]
-            block._modules["_original_component"] = SkipBlock(as_tuple)
+            saved[i] = swap_original_component(model.blocks[i], SkipBlock(as_tuple, form))
         yield model
     finally:
         for i, module in saved.items():
-            model.blocks[i]._modules["_original_component"] = module
+            swap_original_component(model.blocks[i], module)
 
 
 def replace_resid_hook(layer: int, cached: Float[Tensor, "batch seq d_model"]) -> Hook:

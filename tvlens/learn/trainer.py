@@ -4,9 +4,9 @@
 𝓟, ``[L, P, d_model]``. With the model frozen, at every layer l ∈ 𝓛 and resolved
 position p ∈ 𝓟 of a (zero-shot, or K-shot) prompt the residual becomes
 
-    h_l[p] ← h_l[p] + θ[l, p]              (tvlens.injection, mode "add")
+    h_l[p] ← h_l[p] + θ[l, p]              (a ResidualEdit, mode "add")
 
-and θ minimises the teacher-forced answer loss (:func:`tvlens.scoring.answer_nll`)
+and θ minimises the teacher-forced answer loss (:func:`tvlens.runner.answer_nll`)
 
     𝓛(θ) = E_(x, y) [ −(1/|y|) Σ_j log p(y_j | prompt(x), y_<j ; θ) ]
 
@@ -52,16 +52,19 @@ from tqdm.auto import tqdm
 
 from tvlens.errors import TvlensError
 from tvlens.evaluation import evaluate
-from tvlens.injection import InjectionSpec, check_layer, injection_hooks
+from tvlens.interventions import ResidualEdit, check_layer, resid_hook_name
 from tvlens.learn import checkpoint as ckpt
 from tvlens.learn.prefix import (CACHE_BUDGET_BYTES, cache_nbytes, cached_forward,
                                  capture_prefix, prefix_cache_support)
+from tvlens.methods import LTVConfig
 from tvlens.models.loading import fingerprint
-from tvlens.prompts import (Position, PromptBatch, Template, TeacherForcedBatch, get_template,
-                            make_examples, tokenize, with_answers)
-from tvlens.scoring import answer_nll
+from tvlens.prompts import (Position, PromptBatch, PromptSet, Template, TeacherForcedBatch,
+                            get_template, template_name, with_answers)
+from tvlens.runner import answer_nll, pad_id, run, trim
 from tvlens.tasks.task import Task
 from tvlens.vector import TaskVector
+
+_DEFAULTS = LTVConfig()
 
 
 def _check_args(model, layers, positions, steps, lr, batch_size, dev_every, patience,
@@ -99,23 +102,20 @@ def _task_hash(task: Task) -> str:
     return hashlib.sha256(json.dumps([task.pairs, task.seed, task.fractions]).encode()).hexdigest()[:16]
 
 
-def _rows(tf: TeacherForcedBatch, rows: list[int]) -> TeacherForcedBatch:
+def select_rows(tf: TeacherForcedBatch, rows: list[int]) -> TeacherForcedBatch:
     """Rows of a teacher-forced batch, leading all-padding columns trimmed."""
     idx = torch.as_tensor(rows, dtype=torch.long)
-    ids, mask = tf.input_ids[idx], tf.attention_mask[idx]
-    prompt = tf.prompt.select(rows)
-    lead = int((prompt.attention_mask.sum(0) == 0).sum())  # left padding: leading columns
-    prompt.input_ids, prompt.attention_mask = prompt.input_ids[:, lead:], prompt.attention_mask[:, lead:]
-    return TeacherForcedBatch(ids[:, lead:], mask[:, lead:], tf.targets[idx], prompt)
+    prompt = trim(tf.prompt.select(rows))  # left padding: leading columns
+    lead = tf.prompt.seq_len - prompt.seq_len
+    return TeacherForcedBatch(tf.input_ids[idx][:, lead:], tf.attention_mask[idx][:, lead:],
+                              tf.targets[idx], prompt)
 
 
 def _residual_rms(model, batch: PromptBatch, layers, positions) -> Tensor:
     """s_l: mean residual RMS ‖h_l‖/√d at the injection positions, ``[L]``."""
-    from tvlens.activations import capture
-
-    names = [f"blocks.{layer}.hook_resid_post" for layer in layers]
-    with torch.no_grad():
-        store = capture(model, batch, names)
+    names = [resid_hook_name(layer) for layer in layers]
+    store = run(model, batch, capture=names, capture_at=None, logits=None, batch_size=None,
+                progress=False).captured
     out = []
     for n in names:
         vals = [store[n][batch.position_entries(p)] for p in positions]
@@ -129,13 +129,14 @@ def ltv_loss(model, batch: TeacherForcedBatch, layers: Sequence[int],
              *, prefix: tuple[int, Tensor, bool] | None = None) -> Float[Tensor, ""]:
     """Mean answer NLL of ``batch`` with θ added at ``layers`` × ``positions``.
 
+    The loss is :func:`tvlens.runner.answer_nll` over the teacher-forced rows with a
+    :class:`~tvlens.interventions.ResidualEdit` (add θ) bound to the prompts.
     ``prefix = (l, h_l, as_tuple)`` runs the cached path: blocks 0..l skipped, the
     residual after block l replaced by ``h_l`` ``[batch, seq, d_model]`` (from
     :func:`~tvlens.learn.prefix.capture_prefix` over the same batch), then θ added. It
     requires l ≤ min(layers); the loss and ∂/∂θ equal the full forward's.
     """
-    spec = InjectionSpec(tuple(layers), tuple(positions), theta, "add")
-    hooks = injection_hooks(model, batch.prompt, spec)
+    hooks = ResidualEdit(tuple(layers), tuple(positions), theta, "add").hooks(model, batch.prompt)
     if prefix is None:
         return answer_nll(model, batch, hooks).mean()
     layer, cached, as_tuple = prefix
@@ -146,24 +147,32 @@ def ltv_loss(model, batch: TeacherForcedBatch, layers: Sequence[int],
         return answer_nll(model, batch, [first] + hooks).mean()
 
 
+def ltv_settings(config: LTVConfig | None = None, **given) -> LTVConfig:
+    """``config`` (default :class:`LTVConfig`) with every keyword that differs from the
+    default applied on top: how :func:`learn_task_vector` reads its settings."""
+    changes = {k: v for k, v in given.items() if v != getattr(_DEFAULTS, k)}
+    return (config or _DEFAULTS).replace(**changes)
+
+
 def learn_task_vector(
     model,
     task: Task,
     layers: int | Sequence[int],
     positions: Position | Sequence[Position] = ("last",),
     *,
-    shots: int = 0,
-    steps: int = 60,
-    lr: float = 0.05,
-    batch_size: int = 16,
-    init: str | Tensor = "zero",
-    seed: int = 0,
-    dev_every: int = 10,
-    patience: int = 3,
-    n_dev: int | None = 48,
-    weight_decay: float = 0.01,
-    relative_lr: bool = True,
-    template: str | Template = "arrow",
+    config: LTVConfig | None = None,
+    shots: int = _DEFAULTS.shots,
+    steps: int = _DEFAULTS.steps,
+    lr: float = _DEFAULTS.lr,
+    batch_size: int = _DEFAULTS.batch_size,
+    init: str | Tensor = _DEFAULTS.init,
+    seed: int = _DEFAULTS.seed,
+    dev_every: int = _DEFAULTS.dev_every,
+    patience: int = _DEFAULTS.patience,
+    n_dev: int | None = _DEFAULTS.n_dev,
+    weight_decay: float = _DEFAULTS.weight_decay,
+    relative_lr: bool = _DEFAULTS.relative_lr,
+    template: str | Template = _DEFAULTS.template,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 20,
     resume: bool = False,
@@ -174,16 +183,19 @@ def learn_task_vector(
 
     Args:
         layers, positions: 𝓛 and 𝓟 (a single value or a sequence each).
+        config: the settings as an :class:`~tvlens.methods.LTVConfig`; the keywords
+            below that differ from their defaults override it.
         shots: demonstrations in each training/dev prompt (0: zero-shot, the LTV default;
             K > 0 trains θ on top of K-shot ICL prompts).
         steps: maximum optimiser steps (early stopping may end sooner).
         lr: AdamW learning rate, in units of the residual RMS when ``relative_lr``.
         batch_size: training prompts per step (sampled without replacement per step).
         init: ``"zero"``, ``"random"`` (Gaussian, 0.1 × the residual RMS), or a tensor
-            ``[L, P, d_model]`` (θ itself).
+            ``[L, P, d_model]`` (θ itself; recorded as ``"tensor"``).
         seed: batch sampling, random init and demonstration sampling.
         dev_every, patience, n_dev: dev evaluation period (steps), evaluations without
             improvement before stopping, dev items scored (first ``n_dev``).
+        template: the prompt format (recorded by name, so ``evaluate`` reuses it).
         checkpoint_dir, checkpoint_every, resume: write a checkpoint every N steps;
             ``resume=True`` continues from it (refused if task, model or configuration
             differ).
@@ -191,8 +203,9 @@ def learn_task_vector(
 
     Returns:
         An add-mode :class:`TaskVector` (method ``"ltv"``), the best θ on dev, whose
-        ``history`` holds ``loss`` (per step), ``dev`` (step, accuracy, logprob),
-        ``train_seconds``, ``best_step``, ``stopped_early``, ``prefix_cache``.
+        ``hyperparameters`` are the config's ``to_dict()`` and whose ``history`` holds
+        ``loss`` (per step), ``dev`` (step, accuracy, logprob), ``train_seconds``,
+        ``best_step``, ``stopped_early``, ``prefix_cache``.
 
     Raises:
         TvlensError: empty layer/position set, a position outside some prompt, steps ≤ 0,
@@ -201,32 +214,32 @@ def learn_task_vector(
     """
     layers = [layers] if isinstance(layers, int) else list(layers)
     positions = [positions] if isinstance(positions, (int, str)) else list(positions)
-    _check_args(model, layers, positions, steps, lr, batch_size, dev_every, patience,
-                checkpoint_every, shots)
-    template = get_template(template)
-    d_model = int(model.cfg.d_model)
-    L, P = len(layers), len(positions)
+    init_tensor = init if isinstance(init, Tensor) else None
+    cfg = ltv_settings(config, shots=shots, steps=steps, lr=lr, batch_size=batch_size,
+                       init="tensor" if init_tensor is not None else init, seed=seed,
+                       dev_every=dev_every, patience=patience, n_dev=n_dev,
+                       weight_decay=weight_decay, relative_lr=relative_lr,
+                       template=template_name(template))
+    _check_args(model, layers, positions, cfg.steps, cfg.lr, cfg.batch_size, cfg.dev_every,
+                cfg.patience, checkpoint_every, cfg.shots)
+    # a Template object given as the keyword is used as is (its name may drop a prefix)
+    tmpl = get_template(template if template_name(template) != _DEFAULTS.template or config is None
+                        else cfg.template)
 
-    train = make_examples(task.train, task.train, shots=shots, seed=seed)
-    pb = tokenize(model, train, template)
-    _check_positions(pb, positions, "train")
-    dev_pairs = task.dev[:n_dev] if n_dev else task.dev
-    if not dev_pairs:
+    train = PromptSet.build(model, task, split="train", shots=cfg.shots, template=tmpl, seed=cfg.seed)
+    _check_positions(train.batch, positions, "train")
+    if not task.dev:
         raise TvlensError(f"task {task.name!r} has no dev items for early stopping; use a larger task")
-    dev_examples = make_examples(dev_pairs, task.train, shots=shots, seed=seed)
-    _check_positions(tokenize(model, dev_examples, template), positions, "dev")
-    tok = getattr(model, "tokenizer", None)
-    pad_id = int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
-    tf = with_answers(pb, pad_id)
-    N = len(pb)
+    dev = PromptSet.build(model, task, split="dev", n=cfg.n_dev or None, shots=cfg.shots,
+                          template=tmpl, seed=cfg.seed)
+    _check_positions(dev.batch, positions, "dev")
+    tf = with_answers(train.batch, pad_id(model))
 
-    config = {
-        "task": task.name, "task_hash": _task_hash(task), "model": fingerprint(model).to_dict(),
-        "layers": layers, "positions": positions, "shots": shots, "lr": lr,
-        "batch_size": batch_size, "weight_decay": weight_decay, "relative_lr": relative_lr,
-        "init": init if isinstance(init, str) else "tensor", "seed": seed,
-        "template": template.demo, "dev_every": dev_every, "n_dev": len(dev_pairs),
-    }
+    # what a checkpoint must share to be resumed (steps and patience may change)
+    run_id = {"task": task.name, "task_hash": _task_hash(task), "model": fingerprint(model).to_dict(),
+              "layers": layers, "positions": positions,
+              **{k: v for k, v in cfg.to_dict().items() if k not in ("steps", "patience")},
+              "template": tmpl.demo, "n_dev": len(dev)}
     path = ckpt.checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
     if path is not None:
         if not path.parent.is_dir():
@@ -241,45 +254,46 @@ def learn_task_vector(
     try:
         for p in flags:
             p.requires_grad_(False)
-        return _train(model, task, layers, positions, template, tf, N, d_model, L, P, config,
-                      steps, lr, batch_size, init, seed, dev_every, patience, dev_examples,
-                      weight_decay, relative_lr, path, checkpoint_every, resume, prefix_cache,
-                      progress)
+        return _train(model, task, layers, positions, cfg, init_tensor, tf, dev, run_id,
+                      path, checkpoint_every, resume, prefix_cache, progress)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
 
 
-def _train(model, task, layers, positions, template, tf, N, d_model, L, P, config, steps, lr,
-           batch_size, init, seed, dev_every, patience, dev_examples, weight_decay,
-           relative_lr, path, checkpoint_every, resume, prefix_cache, progress) -> TaskVector:
+def _init_phi(cfg: LTVConfig, init_tensor, shape, scale, gen, device) -> Tensor:
+    if init_tensor is not None:
+        if tuple(init_tensor.shape) != shape:
+            raise TvlensError(f"init tensor of shape {tuple(init_tensor.shape)}; expected {shape}")
+        return init_tensor.detach().float().to(device) / scale[:, None, None]
+    if cfg.init == "zero":
+        return torch.zeros(*shape, device=device)
+    if cfg.init == "random":
+        return 0.1 * torch.randn(*shape, generator=gen).to(device)
+    raise TvlensError(f"unknown init {cfg.init!r}; use 'zero', 'random' or a tensor [L, P, d_model]")
+
+
+def _train(model, task, layers, positions, cfg: LTVConfig, init_tensor, tf, dev: PromptSet,
+           run_id, path, checkpoint_every, resume, prefix_cache, progress) -> TaskVector:
     t0 = time.perf_counter()
     device = model.cfg.device
     dtype = next(model.parameters()).dtype
+    N, L, P, d_model = len(tf.prompt), len(layers), len(positions), int(model.cfg.d_model)
+    steps, dev_every = cfg.steps, cfg.dev_every
     probe = tf.prompt.select(list(range(min(N, 32))))
     rms = _residual_rms(model, probe, layers, positions)
-    scale = (rms if relative_lr else torch.ones(L)).to(device=device, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    if isinstance(init, Tensor):
-        if tuple(init.shape) != (L, P, d_model):
-            raise TvlensError(f"init tensor of shape {tuple(init.shape)}; expected {(L, P, d_model)}")
-        phi0 = init.detach().float().to(device) / scale[:, None, None]
-    elif init == "zero":
-        phi0 = torch.zeros(L, P, d_model, device=device)
-    elif init == "random":
-        phi0 = 0.1 * torch.randn(L, P, d_model, generator=gen).to(device)
-    else:
-        raise TvlensError(f"unknown init {init!r}; use 'zero', 'random' or a tensor [L, P, d_model]")
-    phi = nn.Parameter(phi0.clone())
-    opt = torch.optim.AdamW([phi], lr=lr, weight_decay=weight_decay)
+    scale = (rms if cfg.relative_lr else torch.ones(L)).to(device=device, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    phi = nn.Parameter(_init_phi(cfg, init_tensor, (L, P, d_model), scale, gen, device).clone())
+    opt = torch.optim.AdamW([phi], lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "loss": [], "dev": [], "best": None, "best_step": 0, "bad": 0,
              "stopped_early": False}
     best_phi = phi.detach().clone()
 
     if resume and path is not None and path.exists():
         tensors, meta = ckpt.load_checkpoint(path)
-        diff = ckpt.config_mismatch(meta["config"], config)
+        diff = ckpt.config_mismatch(meta["config"], run_id)
         if diff:
             raise TvlensError(f"checkpoint {str(path)!r} is from another run ({'; '.join(diff)}); "
                               "use another checkpoint_dir or the same settings")
@@ -299,7 +313,7 @@ def _train(model, task, layers, positions, template, tf, N, d_model, L, P, confi
         if ok and need > CACHE_BUDGET_BYTES:
             ok, note = False, f"the cache would take {need / 1e9:.1f} GB"
         if ok:
-            cache, as_tuple = capture_prefix(model, tf.input_ids, tf.attention_mask, l0)
+            cache, as_tuple = capture_prefix(model, tf, l0)
             use_cache = True
         else:
             warnings.warn(f"prefix caching off, training with the full forward: {note}", stacklevel=3)
@@ -312,7 +326,7 @@ def _train(model, task, layers, positions, template, tf, N, d_model, L, P, confi
     def vector(phi_value: Tensor, history: dict) -> TaskVector:
         return TaskVector(vectors=(scale[:, None, None] * phi_value).detach().to(dtype),
                           layers=tuple(layers), positions=tuple(positions), model=fingerprint(model),
-                          mode="add", method="ltv", hyperparameters=dict(config, steps=steps),
+                          mode="add", method="ltv", hyperparameters=cfg.to_dict(),
                           task=task.name, history=history)
 
     def save() -> None:
@@ -321,24 +335,24 @@ def _train(model, task, layers, positions, template, tf, N, d_model, L, P, confi
                    "exp_avg": a.get("exp_avg", torch.zeros_like(phi)),
                    "exp_avg_sq": a.get("exp_avg_sq", torch.zeros_like(phi)),
                    "adam_step": torch.as_tensor(a.get("step", 0.0), dtype=torch.float32).reshape(())}
-        ckpt.save_checkpoint(path, tensors, {"config": config, "state": state})
+        ckpt.save_checkpoint(path, tensors, {"config": run_id, "state": state})
 
     def diverged(what: str):
         kept = (f"; the last good checkpoint is kept at {str(path)!r}"
                 if path is not None and path.exists() else "")
         raise TvlensError(f"training diverged at step {state['step'] + 1}: {what}{kept}; "
-                          f"lower lr (now {lr}) or use init='zero'")
+                          f"lower lr (now {cfg.lr}) or use init='zero'")
 
     def dev_eval():
-        res = evaluate(model, task, examples=dev_examples, template=template,
-                       vector=vector(phi.detach(), {}), seed=seed, progress=False)
+        res = evaluate(model, task, prompts=dev, vector=vector(phi.detach(), {}), seed=cfg.seed,
+                       progress=False)
         return res, float(res.records["first_token_logprob"].mean())
 
     bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc=f"ltv {task.name}")
     try:
         while state["step"] < steps and not state["stopped_early"]:
-            rows = torch.randperm(N, generator=gen)[: min(batch_size, N)].tolist()
-            sub = _rows(tf, rows)
+            rows = torch.randperm(N, generator=gen)[: min(cfg.batch_size, N)].tolist()
+            sub = select_rows(tf, rows)
             opt.zero_grad(set_to_none=True)
             prefix = None
             if use_cache:
@@ -363,7 +377,7 @@ def _train(model, task, layers, positions, template, tf, N, d_model, L, P, confi
                     best_phi = phi.detach().clone()
                 else:
                     state["bad"] += 1
-                    state["stopped_early"] = state["bad"] >= patience
+                    state["stopped_early"] = state["bad"] >= cfg.patience
                 bar.set_postfix(loss=f"{state['loss'][-1]:.3f}", dev=f"{res.accuracy:.2f}")
             else:
                 bar.set_postfix(loss=f"{state['loss'][-1]:.3f}")
@@ -372,15 +386,15 @@ def _train(model, task, layers, positions, template, tf, N, d_model, L, P, confi
                 save()
     finally:
         bar.close()
-    dev = list(state["dev"])
+    dev_log = list(state["dev"])
     if state["step"] % dev_every and not state["stopped_early"]:
         # the last steps were never scored: score them now, outside the checkpointed
         # state, so an interrupted-and-resumed run keeps the same evaluation schedule
         res, lp = dev_eval()
-        dev.append({"step": state["step"], "accuracy": res.accuracy, "logprob": lp})
+        dev_log.append({"step": state["step"], "accuracy": res.accuracy, "logprob": lp})
         if state["best"] is None or (res.accuracy, lp) > tuple(state["best"]):
             state["best_step"], best_phi = state["step"], phi.detach().clone()
-    history = {"loss": state["loss"], "dev": dev, "best_step": state["best_step"],
+    history = {"loss": state["loss"], "dev": dev_log, "best_step": state["best_step"],
                "stopped_early": state["stopped_early"], "steps_run": state["step"],
                "train_seconds": time.perf_counter() - t0, "prefix_cache": use_cache,
                "prefix_cache_note": note, "residual_rms": rms.tolist()}

@@ -418,6 +418,21 @@ class PromptSet:
                             list(separator_index) if separator_index is not None else [])
         return cls(batch, None, {"template": "tokens", **recipe})
 
+    @classmethod
+    def from_texts(cls, tokenizer, texts: Sequence[str], *, max_len: int | None = None,
+                   **recipe) -> PromptSet:
+        """Raw strings as they are (special tokens added, left-padded), without answers:
+        for capture-only forwards (an encoder reading queries). ``max_len`` refuses longer
+        texts, naming the first."""
+        rows = [tokenizer(t)["input_ids"] for t in texts]
+        for n, text in zip(map(len, rows), texts):
+            if max_len is not None and n > max_len:
+                raise TvlensError(f"text {text[:60]!r} is {n} tokens, longer than the context of "
+                                  f"{max_len}; shorten it or use a model with a longer context")
+        ids, mask = left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        batch = PromptBatch(ids, mask, [Example(t, "") for t in texts], list(texts), [[] for _ in texts])
+        return cls(batch, None, {"template": "text", **recipe})
+
     @property
     def examples(self) -> list[Example]:
         return self.batch.examples

@@ -79,10 +79,9 @@ class AdaptiveConfig:
 
 
 def atv_settings(config: ATVConfig | None = None, **given) -> ATVConfig:
-    """``config`` (default :class:`ATVConfig`) with every keyword that differs from the
-    default applied on top: how :func:`make_generator` and ``train_generator`` read theirs."""
-    changes = {k: v for k, v in given.items() if v != getattr(_DEFAULTS, k)}
-    return (config or _DEFAULTS).replace(**changes)
+    """``config`` with the keywords that differ from the defaults on top
+    (:meth:`MethodConfig.merged`)."""
+    return ATVConfig.merged(config, **given)
 
 
 __all__ = ["AdaptiveConfig", "DEFAULT_QUERY_TEMPLATE", "atv_settings", "check_scale"]

@@ -30,7 +30,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from tvlens.errors import TvlensError
-from tvlens.prompts import Example, PromptBatch, left_pad
+from tvlens.prompts import PromptBatch, PromptSet
 from tvlens.runner import run
 
 POOLINGS = ("last", "mean")
@@ -53,10 +53,9 @@ def _pool(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
 def query_batch(tokenizer, texts: list[str], max_len: int) -> PromptBatch:
     """The texts as they are (already written with the query template), tokenized with the
     tokenizer's special tokens and left-padded; no answers (for capture-only forwards)."""
-    rows = [tokenizer(t)["input_ids"] for t in texts]
-    _check_lengths([len(r) for r in rows], max_len, texts, "generator")
-    ids, mask = left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    return PromptBatch(ids, mask, [Example(t, "") for t in texts], list(texts), [[] for _ in texts])
+    batch = PromptSet.from_texts(tokenizer, texts).batch
+    _check_lengths(batch.lengths.tolist(), max_len, texts, "generator")
+    return batch
 
 
 def _check_lengths(lengths: list[int], max_len: int, texts: list[str], what: str) -> None:

@@ -148,10 +148,9 @@ def ltv_loss(model, batch: TeacherForcedBatch, layers: Sequence[int],
 
 
 def ltv_settings(config: LTVConfig | None = None, **given) -> LTVConfig:
-    """``config`` (default :class:`LTVConfig`) with every keyword that differs from the
-    default applied on top: how :func:`learn_task_vector` reads its settings."""
-    changes = {k: v for k, v in given.items() if v != getattr(_DEFAULTS, k)}
-    return (config or _DEFAULTS).replace(**changes)
+    """``config`` with the keywords that differ from the defaults on top
+    (:meth:`MethodConfig.merged`)."""
+    return LTVConfig.merged(config, **given)
 
 
 def learn_task_vector(

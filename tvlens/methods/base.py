@@ -69,6 +69,14 @@ class MethodConfig:
     def replace(self, **changes) -> MethodConfig:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def merged(cls, config: MethodConfig | None = None, **given) -> MethodConfig:
+        """``config`` (default ``cls()``) with every keyword that differs from the class
+        default applied on top: how a method function reads ``config=`` next to keywords."""
+        defaults = cls()
+        changes = {k: v for k, v in given.items() if v != getattr(defaults, k)}
+        return (config or defaults).replace(**changes)
+
 
 def register(cls: type[MethodConfig]) -> type[MethodConfig]:
     """Class decorator: make ``cls`` findable as ``get_config(cls.method)``."""

@@ -18,6 +18,7 @@ clear :class:`~tvlens.errors.TvlensError` instead of an ``AttributeError`` deep 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from importlib import metadata
 
 from packaging.version import Version  # a dependency of transformers
@@ -116,3 +117,17 @@ def swap_original_component(block: nn.Module, module: nn.Module) -> nn.Module:
     previous = original_component(block)
     block._modules[_ORIGINAL] = module
     return previous
+
+
+@contextmanager
+def hf_progress_bars(enabled: bool):
+    """Hugging Face's progress bars on or off for the body, restored afterwards (library code
+    must not change the process-wide setting)."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()

@@ -109,14 +109,13 @@ def _dequantize_to(gguf: Path, out: Path, architecture: str, *, progress: bool) 
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from tvlens.compat import hf_progress_bars
 
-    if not progress:
-        hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager"
-    )
+    with hf_progress_bars(progress):
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager"
+        )
     out.mkdir(parents=True)
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the weights we write are plain floats

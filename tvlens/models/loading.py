@@ -128,10 +128,9 @@ def load_model(
 def _bridge_from_hf_folder(folder: Path, architecture: str, name: str, device, dtype):
     from transformer_lens.model_bridge.sources import build_bridge_from_module  # public export
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from tvlens.compat import hf_progress_bars
 
-    hf_logging.disable_progress_bar()  # loading from the float cache is quick
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), hf_progress_bars(False):  # the float cache loads quickly
         warnings.simplefilter("ignore")
         hf_model = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=dtype, attn_implementation="eager"

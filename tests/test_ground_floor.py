@@ -257,3 +257,41 @@ def test_per_row_interventions_follow_the_chunks(tiny, task):
         assert torch.allclose(whole, parts, atol=1e-5)
     with pytest.raises(TvlensError, match="capture it with batch_size=None"):
         run(tiny, ps, capture=["blocks.0.attn.hook_pattern"], capture_at=None, batch_size=2)
+
+
+def _module_imports():
+    """{module: set of tvlens modules it imports at module level} (and the names)."""
+    import ast
+    root = Path(__file__).parents[1] / "tvlens"
+    out = {}
+    for p in root.rglob("*.py"):
+        name = ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        out[name] = [(n.module, [a.name for a in n.names]) for n in ast.parse(p.read_text()).body
+                     if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("tvlens")]
+    return out
+
+
+def test_no_import_cycle_and_no_private_name_across_packages():
+    imports = _module_imports()
+    graph = {m: {d for d, _ in deps if d in imports and d != m and not d.startswith(m + ".")}
+             for m, deps in imports.items()}
+    done, path = set(), []
+
+    def visit(m):
+        if m in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
+        if m in done:
+            return
+        path.append(m)
+        for d in graph[m]:
+            visit(d)
+        path.pop()
+        done.add(m)
+
+    for m in graph:
+        visit(m)
+    for m, deps in imports.items():
+        for d, names in deps:
+            private = [n for n in names if n.startswith("_")]
+            same_package = d.rsplit(".", 1)[0] == m.rsplit(".", 1)[0]
+            assert not private or same_package, f"{m} imports private {private} from {d}"

@@ -39,10 +39,10 @@ def tiny_llama(ragged):
     heads matter (AIEs ~1e-3, not the ~1e-6 of the default 0.02)."""
     import warnings
 
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tvlens.models.loading import _finish
+    from tvlens.models import prepare_bridge
     from tvlens.models.word_tokenizer import word_tokenizer
 
     tok = word_tokenizer([f"Q: {x}\nA: {y}\n\n" for x, y in ragged.pairs])
@@ -53,7 +53,7 @@ def tiny_llama(ragged):
     hf = LlamaForCausalLM(cfg).eval()  # seeded by the autouse fixture
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _finish(build_bridge_from_module(hf, "LlamaForCausalLM", hf_config=cfg,
+        return prepare_bridge(build_bridge_from_module(hf, "LlamaForCausalLM", hf_config=cfg,
                                                 tokenizer=tok, model_name="tiny-llama"))
 
 

@@ -10,8 +10,8 @@ from scipy import stats
 
 from tvlens import TaskVector, forward, load_task, make_examples, tokenize
 from tvlens.prompts import with_answers
-from tvlens.scoring import (_pad_id, answer_logprobs, bootstrap_ci, greedy_answers,
-                            last_token_logits)
+from tvlens.runner import answer_logprobs, greedy_answers, last_token_logits, pad_id
+from tvlens.stats import bootstrap_ci
 
 
 def _padded_batch(model, task, shots=(0, 1, 3)):
@@ -23,7 +23,7 @@ def _padded_batch(model, task, shots=(0, 1, 3)):
 
 def _reference_answer_logprobs(model, batch, hooks):
     """log p of every answer token from the full logits of the teacher-forced batch."""
-    tf = with_answers(batch, _pad_id(model))
+    tf = with_answers(batch, pad_id(model))
     full = model.run_with_hooks(tf.input_ids, attention_mask=tf.attention_mask,
                                 fwd_hooks=list(hooks)).float().log_softmax(-1)
     P = batch.seq_len

@@ -19,7 +19,7 @@ from tvlens.emergence import (
     task_tables, token_prompt_batch, train, tv_accuracy_by_layer, tvp_losses,
 )
 from tvlens.errors import TvlensError
-from tvlens.injection import resid_hook_name
+from tvlens.interventions import resid_hook_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

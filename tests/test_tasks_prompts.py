@@ -9,7 +9,7 @@ import pytest
 
 from tvlens import Template, TvlensError, load_task, load_task_file, make_examples, tokenize
 from tvlens.evaluation import evaluate
-from tvlens.scoring import bootstrap_ci
+from tvlens.stats import bootstrap_ci
 from tvlens.tasks import builtin_task_names
 
 

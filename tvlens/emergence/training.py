@@ -11,7 +11,7 @@ and one zero-shot query ``BOS x' ->`` per sequence, both from the same task ``f`
 
 One ICL forward serves both losses: a capture hook on ``blocks.{ℓ}.hook_resid_post``
 keeps ``v`` in the graph, and the zero-shot forward replaces the same hook's output at
-the query's arrow through :class:`tvlens.injection.InjectionSpec` (``mode="replace"``,
+the query's arrow through :class:`tvlens.interventions.ResidualEdit` (``mode="replace"``,
 per-example vectors ``[B, 1, 1, d_model]``), so gradients reach the ICL pass through
 ``v`` (Yang et al. 2025, "Task vectors in in-context learning: emergence, formation,
 and benefits"). ``λ = 0`` is the plain ICL baseline (the zero-shot forward is skipped).
@@ -42,7 +42,7 @@ from tvlens.emergence.config import TVPConfig, build_model, get_preset
 from tvlens.emergence.measure import evaluate_run, training_metrics
 from tvlens.emergence.synthetic import ICLBatch, sample_batch, task_tables, token_prompt_batch, y_positions
 from tvlens.errors import TvlensError
-from tvlens.injection import InjectionSpec, injection_hooks, resid_hook_name
+from tvlens.interventions import ResidualEdit, resid_hook_name
 
 # Fields that may change between a checkpoint and its resumption.
 _RESUMABLE = {"steps", "eval_every", "checkpoint_every", "n_eval"}
@@ -85,9 +85,9 @@ def tvp_losses(model, batch: ICLBatch, layer: int, lam: float, *,
     if lam == 0 and not capture_injected:
         return TVPOutput(l_icl, l_icl, None, extracted)
     qb = token_prompt_batch(batch.query_ids, batch.query_answers, n_values).to(device)
-    spec = InjectionSpec(layers=(layer,), positions=("last",),
-                         vectors=extracted[:, None, None, :], mode="replace")
-    hooks = injection_hooks(model, qb, spec)
+    edit = ResidualEdit(layers=(layer,), positions=("last",),
+                        vectors=extracted[:, None, None, :], mode="replace")
+    hooks = edit.hooks(model, qb)
 
     def grab_query(act, hook=None):
         store["query"] = act

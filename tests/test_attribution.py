@@ -419,3 +419,16 @@ def test_recovery_is_undefined_without_a_gain(tiny, task):
     assert out["vector_accuracy"] == out["zero_shot"]
     for key in ("ov_weighted_recovery", "ov_packaged_recovery", "mlp_recovery"):
         assert math.isnan(out[key])
+
+
+def test_attribution_results_have_frames(tiny, task):
+    """Every attribution result has .to_frame() next to .to_dict(): the same numbers."""
+    from tvlens.attribution import key_head_analysis
+    vec = TaskVector.single(tiny, torch.randn(int(tiny.cfg.d_model)), 1, "last")
+    res = key_head_analysis(tiny, task, vec, n=6, random_control=2, ground_truth=True)
+    frame, d = res.to_frame(), res.to_dict()
+    assert len(frame) == 3 * 4 and frame["key"].sum() == len(d["key_heads"])
+    assert frame.set_index(["layer", "head"]).loc[(1, 2), "saliency"] == pytest.approx(d["saliency"][1][2])
+    abl = res.ablation["zero"].to_frame().set_index("condition")
+    assert abl.loc["ablated", "accuracy"] == d["ablate_key_accuracy"]
+    assert list(abl.loc["baseline", ["ci_low", "ci_high"]]) == d["baseline_ci"]

@@ -147,7 +147,7 @@ def test_hooks_are_removed_even_when_the_body_raises(tiny, task):
 
 def test_injection_survives_greedy_generation(tiny, task):
     """Re-running prompt + generated tokens keeps the vector on the prompt's columns."""
-    from tvlens.scoring import greedy_answers
+    from tvlens.runner import greedy_answers
 
     batch = _batch(tiny, task)
     v = 5 * torch.randn(tiny.cfg.d_model)

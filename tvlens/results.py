@@ -22,6 +22,11 @@ from tvlens.errors import TvlensError
 from tvlens.stats import Accuracy
 
 
+def accuracy_frame(accuracies: dict[str, Accuracy]) -> pd.DataFrame:
+    """One row per named condition: ``condition, accuracy, ci_low, ci_high, n``."""
+    return pd.DataFrame([{"condition": k, **a.to_dict()} for k, a in accuracies.items()])
+
+
 @dataclass
 class HeadTable:
     """``values[l, h]`` for every head, with what they measure and how they were made."""

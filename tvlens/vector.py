@@ -10,17 +10,24 @@ Arithmetic composes vectors (the LTV paper adds vectors learned for two tasks):
 ``a + b``, ``a - b``, ``-a``, ``2 * a``, ``a / 2``. Operands must share layers,
 positions, mode and model; anything but a number or a TaskVector is a ``TypeError``.
 
-Files are safetensors (no pickle): the tensor under ``"vectors"`` and the rest as JSON
-in the header's ``"tvlens"`` metadata entry. Writes go to a temporary file in the same
-folder, then ``os.replace`` — a crash never leaves a half-written vector, and an
-existing file is kept unless ``overwrite=True``.
+In a notebook: ``tv.select(layers=[10])`` is the sub-vector at some of its layers /
+positions, ``tv.to(device, dtype)`` moves it, and ``with tv.apply(model): ...`` injects it
+into any forward or ``model.generate(...)`` in the body — positions ``"last"``, ``-k`` and
+``"all"`` resolved per forward from its attention mask
+(:mod:`tvlens.interventions.unbound`); ``tv.apply(model, batch)`` binds it to one
+left-padded batch (every position spec, ``"separator"`` and absolute indices too).
+
+Files are safetensors (no pickle), written by :func:`tvlens.io.save_tensors`: the tensor
+under ``"vectors"`` and the rest as JSON in the header's ``"tvlens"`` metadata entry,
+``versions`` (tvlens, transformer-lens, transformers, torch that made it) included. The
+write is atomic (a crash never leaves a half-written vector), the file gets the usual
+mode, and an existing file is kept unless ``overwrite=True``. A file whose metadata has
+fields this tvlens does not know (written by a newer one) is refused, naming them.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,10 +40,16 @@ from torch import Tensor
 from tvlens.errors import TvlensError
 from tvlens.interventions.base import Intervention, hooks_applied
 from tvlens.interventions.residual import Mode, ResidualEdit
+from tvlens.interventions.unbound import unbound_applied
+from tvlens.io import load_tensors, save_tensors, versions
 from tvlens.models.loading import ModelFingerprint, fingerprint
 from tvlens.prompts import Position, PromptBatch
 
 FORMAT_VERSION = 1
+META_KEY = "tvlens"
+# metadata fields this tvlens reads (anything else was written by a newer one)
+META_FIELDS = ("format_version", "layers", "positions", "mode", "scale", "method",
+               "hyperparameters", "task", "model", "history", "versions")
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +63,8 @@ class TaskVector(Intervention):
         mode, scale: how it is injected.
         model: fingerprint of the model it was made for.
         method, hyperparameters, task, history: provenance.
+        versions: the versions of tvlens, transformer-lens, transformers and torch that
+            made it (:func:`tvlens.io.versions`; ``{}`` for files older than the field).
     """
 
     vectors: Float[Tensor, "... layer pos d_model"]
@@ -62,6 +77,7 @@ class TaskVector(Intervention):
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     task: str | None = None
     history: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=versions)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
@@ -105,6 +121,40 @@ class TaskVector(Intervention):
             raise TvlensError(f"this vector has positions {self.positions}, not {position!r}")
         return self.vectors[..., self.layers.index(layer), self.positions.index(position), :]
 
+    def select(self, layers: int | Sequence[int] | None = None,
+               positions: Position | Sequence[Position] | None = None) -> TaskVector:
+        """The sub-vector at ``layers`` × ``positions`` (None: all of them), in the order given.
+
+        ``vectors[..., L', P', :]`` with ``L'``, ``P'`` the indices of the chosen layers and
+        positions; every other field is kept. Raises :class:`TvlensError` naming a layer or
+        position this vector does not have, or one listed twice.
+        """
+        layer_list = self.layers if layers is None else _as_tuple(layers, int)
+        pos_list = self.positions if positions is None else _as_tuple(positions, (int, str))
+        for what, chosen, have in (("layer", layer_list, self.layers),
+                                   ("position", pos_list, self.positions)):
+            missing = [c for c in chosen if c not in have]
+            if missing:
+                raise TvlensError(f"this vector has {what}s {have}, not {', '.join(map(repr, missing))}")
+            if len(set(chosen)) != len(chosen) or not chosen:
+                raise TvlensError(f"select {what}s {tuple(chosen)}: name each {what} once, at least one")
+        li = torch.tensor([self.layers.index(x) for x in layer_list], device=self.vectors.device)
+        pi = torch.tensor([self.positions.index(x) for x in pos_list], device=self.vectors.device)
+        vectors = self.vectors.index_select(-3, li).index_select(-2, pi)
+        return replace(self, vectors=vectors, layers=tuple(layer_list), positions=tuple(pos_list))
+
+    def for_rows(self, rows: Sequence[int]) -> TaskVector:
+        """Per-example vectors of ``rows`` only (a shared vector: itself); the runner cuts a
+        per-example vector to each chunk with it."""
+        if not self.per_example:
+            return self
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.vectors.device)
+        return replace(self, vectors=self.vectors[idx])
+
+    def to(self, device=None, dtype=None) -> TaskVector:
+        """The same vector with its tensor on ``device`` and / or in ``dtype``."""
+        return replace(self, vectors=self.vectors.to(device=device, dtype=dtype))
+
     # ----- applying -----------------------------------------------------------------
     def check_model(self, model) -> None:
         """Refuse a model whose fingerprint differs from the one this vector was made for."""
@@ -140,8 +190,19 @@ class TaskVector(Intervention):
         return self.spec(scale=scale).hooks(model, batch)
 
     @contextmanager
-    def apply(self, model, batch: PromptBatch, *, scale: float | None = None):
-        """Context manager: forwards over ``batch`` in the body carry this vector."""
+    def apply(self, model, batch: PromptBatch | None = None, *, scale: float | None = None):
+        """Context manager: forwards in the body carry this vector; every hook is removed on exit.
+
+        With ``batch``: forwards over that left-padded batch (any position spec). Without:
+        any forward or ``model.generate(...)``, positions ``"last"``, ``-k`` and ``"all"``
+        resolved per forward from its attention mask (:mod:`tvlens.interventions.unbound`);
+        absolute positions and ``"separator"`` raise a :class:`TvlensError` asking for the batch.
+        """
+        if batch is None:
+            self.check_model(model)
+            with unbound_applied(model, self.spec(scale=scale)):
+                yield model
+            return
         with hooks_applied(model, self.hooks(model, batch, scale=scale)):
             yield model
 
@@ -158,7 +219,7 @@ class TaskVector(Intervention):
         parts = [self.method] if other is None else [self.method, other.method]
         tasks = [t for t in (self.task, other.task if other else None) if t]
         return replace(self, vectors=vectors, method=how, task="+".join(tasks) or None,
-                       hyperparameters={"operands": parts}, history={})
+                       hyperparameters={"operands": parts}, history={}, versions=versions())
 
     def __add__(self, other):
         if not isinstance(other, TaskVector):
@@ -207,52 +268,30 @@ class TaskVector(Intervention):
             "task": self.task,
             "model": self.model.to_dict(),
             "history": self.history,
+            "versions": self.versions,
         }
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the vector to ``path`` (``.safetensors``) atomically; see the module docstring."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        if not path.parent.exists():
-            raise TvlensError(f"folder {str(path.parent)!r} does not exist; create it first")
-        if path.exists() and not overwrite:
-            raise TvlensError(f"{str(path)!r} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-        try:
-            header = json.dumps(self.metadata(), default=_json_default)
-        except TypeError as err:
-            raise TvlensError(f"vector metadata is not JSON-serialisable: {err}") from None
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"vectors": self.vectors.detach().cpu().contiguous()}, tmp,
-                      metadata={"tvlens": header})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return save_tensors(path, {"vectors": self.vectors}, self.metadata(), key=META_KEY,
+                            overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path, model=None, *, device=None) -> TaskVector:
         """Read a vector file; with ``model``, refuse it unless it was made for that model."""
-        from safetensors import SafetensorError, safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise TvlensError(f"vector file {str(path)!r} does not exist")
+        tensors, data = load_tensors(path, key=META_KEY, what="tvlens vector file")
+        if "vectors" not in tensors or not isinstance(data, dict):
+            raise TvlensError(f"{str(path)!r} is a safetensors file but not a tvlens vector")
+        unknown = sorted(set(data) - set(META_FIELDS))
+        if unknown or int(data.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
+            made_by = data.get("versions", {}).get("tvlens", "a newer version")
+            what = (f"field(s) {', '.join(map(repr, unknown))}" if unknown
+                    else f"format version {data['format_version']}")
+            raise TvlensError(
+                f"{str(path)!r} has {what} that this tvlens ({versions()['tvlens']}) does not "
+                f"know: it was written by tvlens {made_by}; upgrade tvlens to read it")
+        vectors = tensors["vectors"]
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = (f.metadata() or {}).get("tvlens")
-                if meta is None or "vectors" not in f.keys():
-                    raise TvlensError(f"{str(path)!r} is a safetensors file but not a tvlens vector")
-                vectors = f.get_tensor("vectors")
-        except (SafetensorError, OSError, ValueError) as err:
-            if isinstance(err, TvlensError):
-                raise
-            raise TvlensError(f"{str(path)!r} is not a readable tvlens vector file: {err}") from None
-        try:
-            data = json.loads(meta)
             tv = cls(
                 vectors=vectors if device is None else vectors.to(device),
                 layers=tuple(data["layers"]),
@@ -264,8 +303,9 @@ class TaskVector(Intervention):
                 hyperparameters=data.get("hyperparameters", {}),
                 task=data.get("task"),
                 history=data.get("history", {}),
+                versions=data.get("versions", {}),
             )
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise TvlensError(f"{str(path)!r} has malformed tvlens metadata: {err!r}") from None
         if model is not None:
             tv.check_model(model)
@@ -273,11 +313,8 @@ class TaskVector(Intervention):
         return tv
 
 
-def _json_default(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().tolist()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+def _as_tuple(value, kinds) -> tuple:
+    """One value or a sequence of them → a tuple."""
+    if isinstance(value, kinds) and not isinstance(value, bool):
+        return (value,)
+    return tuple(value)

@@ -84,6 +84,15 @@ class AblationResult:
                 "baseline_ci": ci_list(self.baseline), "ablated_ci": ci_list(self.ablated),
                 "template": self.template}
 
+    def to_frame(self):
+        """Accuracy with CI per condition: no ablation, the heads ablated, random heads."""
+        from tvlens.results import accuracy_frame
+
+        rows = {"baseline": self.baseline, "ablated": self.ablated}
+        if self.random is not None:
+            rows["random"] = self.random
+        return accuracy_frame(rows)
+
     def figure(self, title: str = "head ablation"):
         from tvlens.attribution.figures import ablation_bars
 
@@ -181,6 +190,15 @@ class KeyHeadResult:
             out["ground_truth"] = self.ground_truth.values.tolist()
             out.update(self.agreement or {})
         return out
+
+    def to_frame(self):
+        """One row per head: saliency, attribution, ground truth (if run), key or not."""
+        df = self.saliency.to_frame().merge(self.attribution.to_frame(), on=["layer", "head"])
+        if self.ground_truth is not None:
+            df = df.merge(self.ground_truth.to_frame(), on=["layer", "head"])
+        keys = set(map(tuple, self.key_heads))
+        df["key"] = [(l, h) in keys for l, h in zip(df["layer"], df["head"])]
+        return df
 
     def figure(self, title: str = "head saliency"):
         from tvlens.attribution.figures import head_heatmap

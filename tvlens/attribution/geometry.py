@@ -155,6 +155,12 @@ class RotationScaling:
     def zero_shot(self) -> float:
         return self.accuracies["zero_shot"].value
 
+    def to_frame(self):
+        """Accuracy with CI of θ, of its linear readout Wθ, and zero-shot."""
+        from tvlens.results import accuracy_frame
+
+        return accuracy_frame(self.accuracies)
+
     def to_dict(self) -> dict:
         return {"layer": self.layer, "n_copies": self.n_copies, "noise": self.noise,
                 "ridge": self.ridge, "fit_r2": self.fit_r2,

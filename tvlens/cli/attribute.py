@@ -1,12 +1,22 @@
-"""``tvlens attribute ov|key-heads|geometry`` and ``tvlens ablate-heads``."""
+"""``tvlens attribute ov|key-heads|geometry`` and ``tvlens ablate-heads``.
+
+Prompts are written in the ``--vector``'s own format unless ``--template`` says otherwise
+(then a warning names both formats); every ``--json`` (and ``result.json``) names the
+``template`` used. The analyses are :mod:`tvlens.attribution`'s; this module only parses
+and prints.
+"""
 
 from __future__ import annotations
 
 from tvlens.cli.common import (
-    add_json_arg, add_model_arg, add_task_arg, int_list, load_model_arg, load_task_arg, out_path,
-    print_json, print_table,
+    add_json_arg, add_model_arg, add_seed_arg, add_task_arg, add_template_arg, int_list,
+    load_model_arg, load_task_arg, out_path, print_json, print_table, template_for, write_json,
 )
 from tvlens.errors import TvlensError
+
+# --method of `attribute geometry --layers`: REGISTRY names (icl / learn: their 0.1 spellings)
+GEOMETRY_METHODS = ("icl-tv", "ltv")
+_ALIASES = {"icl": "icl-tv", "learn": "ltv"}
 
 
 def register(sub) -> None:
@@ -30,8 +40,8 @@ def register(sub) -> None:
     _common(ge, vector_required=False, many=True)
     ge.add_argument("--layers", default=None,
                     help="without --vector: comma-separated layers to make vectors at")
-    ge.add_argument("--method", choices=("icl", "learn"), default="icl",
-                    help="how to make vectors for --layers (default: ICL task vectors)")
+    ge.add_argument("--method", default="icl-tv",
+                    help="how to make vectors for --layers: icl-tv (ICL task vectors, default) or ltv")
     ge.add_argument("--copies", type=int, default=1024, help="perturbed copies per layer")
     ge.add_argument("--noise", type=float, default=0.5, help="λ: noise norm relative to ‖θ‖")
     ge.add_argument("--ridge", type=float, default=1e-2, help="ridge regulariser (0 = least squares)")
@@ -48,7 +58,8 @@ def register(sub) -> None:
     ab.add_argument("--random-control", type=int, default=5)
     ab.add_argument("--n", type=int, default=32, help="test prompts (default 32)")
     ab.add_argument("--shots", type=int, default=5, help="ICL demonstrations without a vector")
-    ab.add_argument("--seed", type=int, default=0)
+    add_template_arg(ab)
+    add_seed_arg(ab)
     add_json_arg(ab)
     ab.set_defaults(func=cmd_ablate)
 
@@ -59,7 +70,8 @@ def _common(p, *, vector_required: bool, many: bool = False) -> None:
     p.add_argument("--vector", required=vector_required, default=None, nargs="+" if many else None,
                    help="task vector file(s)" + (" (one per layer)" if many else ""))
     p.add_argument("--n", type=int, default=32, help="test prompts (default 32)")
-    p.add_argument("--seed", type=int, default=0)
+    add_template_arg(p)
+    add_seed_arg(p)
     p.add_argument("--out", default=None, help="folder for figures (.html) and result.json")
     add_json_arg(p)
 
@@ -73,28 +85,28 @@ def _load_vector(path, model):
 def _write(args, result: dict, figures: dict) -> None:
     if not args.out:
         return
-    import json
-
     from tvlens.plots import export
 
     folder = out_path(args.out, is_dir=True)
     for name, fig in figures.items():
         export(fig, folder / f"{name}.html")
-    (folder / "result.json").write_text(json.dumps(result, default=str, indent=1))
+    write_json(folder / "result.json", result)
 
 
 def cmd_ov(args) -> int:
-    from tvlens.attribution import figures, reinjection_test
+    from tvlens.attribution import reinjection_test
 
     model, task = load_model_arg(args), load_task_arg(args)
     res = reinjection_test(model, task, _load_vector(args.vector, model), n=args.n,
-                           where=args.where, seed=args.seed)
-    _write(args, res, {"ov_dla": figures.ov_dla_heatmap(res)})
+                           where=args.where, template=args.template, seed=args.seed)
+    out = res.to_dict()
+    _write(args, out, {"ov_dla": res.figure()})
     if args.json:
-        print_json(res)
+        print_json(out)
     else:
-        print_table([{k: res[k] for k in ("zero_shot", "vector_accuracy", "ov_weighted_recovery",
-                                           "ov_packaged_recovery", "mlp_recovery")}])
+        print_table([{k: out[k] for k in ("template", "zero_shot", "vector_accuracy",
+                                          "ov_weighted_recovery", "ov_packaged_recovery",
+                                          "mlp_recovery")}])
     return 0
 
 
@@ -105,39 +117,49 @@ def cmd_key_heads(args) -> int:
     vec = _load_vector(args.vector, model)
     res = key_head_analysis(model, task, vec, percent=args.top, n=args.n,
                             random_control=args.random_control,
-                            ground_truth=not args.no_ground_truth, seed=args.seed)
-    figs = {"saliency": figures.head_heatmap(res["saliency"], key_heads=res["key_heads"]),
-            "profile": figures.layer_profile(res["saliency"], injected_layer=vec.layers[0] if vec else None),
+                            ground_truth=not args.no_ground_truth, template=args.template,
+                            seed=args.seed)
+    out = res.to_dict()
+    figs = {"saliency": res.figure(),
+            "profile": figures.layer_profile(res.saliency.values,
+                                             injected_layer=vec.layers[0] if vec else None),
             "ablation": figures.ablation_bars(res)}
-    _write(args, res, figs)
+    _write(args, out, figs)
     if args.json:
-        print_json({k: v for k, v in res.items() if k not in ("saliency", "attribution", "ground_truth")}
-                   | {"saliency": res["saliency"]})
+        print_json({k: v for k, v in out.items() if k not in ("attribution", "ground_truth")})
     else:
-        print("key heads:", " ".join(f"{a}.{b}" for a, b in res["key_heads"]))
-        print_table([{"mode": m, "none": r["baseline_accuracy"], "key": r["ablated_accuracy"],
-                      "random": r["random_accuracy"]} for m, r in res["ablation"].items()])
-        if "spearman" in res:
-            print(f"saliency vs ablation: spearman {res['spearman']:.3f}, top overlap {res['top_overlap']:.2f}")
+        print("key heads:", " ".join(f"{a}.{b}" for a, b in res.key_heads), f"(template {res.template})")
+        print_table([{"mode": m, "none": r.baseline_accuracy, "key": r.ablated_accuracy,
+                      "random": r.random_mean} for m, r in res.ablation.items()])
+        if "spearman" in out:
+            print(f"saliency vs ablation: spearman {out['spearman']:.3f}, top overlap {out['top_overlap']:.2f}")
     return 0
+
+
+def _geometry_method(value: str) -> str:
+    method = _ALIASES.get(value, value)
+    if method not in GEOMETRY_METHODS:
+        raise TvlensError(f"unknown method {value!r} for --layers; use one of {', '.join(GEOMETRY_METHODS)}")
+    return method
 
 
 def cmd_geometry(args) -> int:
     from tvlens.attribution import figures, geometry_sweep
 
+    method = _geometry_method(args.method)
+    layers = int_list(args.layers, "layers") if args.layers and not args.vector else None
+    if not args.vector and layers is None:
+        raise TvlensError("give --vector FILE... (one per layer) or --layers L1,L2,...")
     model, task = load_model_arg(args), load_task_arg(args)
     if args.vector:
         vecs = [_load_vector(p, model) for p in args.vector]
         vectors = {v.layers[0]: v for v in vecs}
         if len(vectors) != len(vecs):
             raise TvlensError("two vector files share a layer; give one vector per layer")
-    elif args.layers:
-        layers = int_list(args.layers, "layers")
-        vectors = {layer: _make_vector(model, task, layer, args.method) for layer in layers}
     else:
-        raise TvlensError("give --vector FILE... (one per layer) or --layers L1,L2,...")
+        vectors = {layer: _make_vector(model, task, layer, method, args.template) for layer in layers}
     res = geometry_sweep(model, task, vectors, n_copies=args.copies, noise=args.noise,
-                         ridge=args.ridge, n=args.n, seed=args.seed)
+                         ridge=args.ridge, n=args.n, template=args.template, seed=args.seed)
     _write(args, res, {"geometry": figures.geometry_curves(res), "logit_lens": figures.logit_lens_table(res)})
     if args.json:
         print_json(res)
@@ -145,42 +167,47 @@ def cmd_geometry(args) -> int:
         print_table([{k: res[k][i] for k in ("layers", "rotation_cos", "scale_ratio", "fit_r2",
                                               "linear_accuracy", "vector_accuracy")}
                      for i in range(len(res["layers"]))])
+        print(f"template {res['template']}")
     return 0
 
 
-def _make_vector(model, task, layer: int, method: str):
-    if method == "icl":
+def _make_vector(model, task, layer: int, method: str, template: str | None):
+    """A vector at ``layer`` by ``method`` (in ``template`` when given, else its default)."""
+    kw = {} if template is None else {"template": template}
+    if method == "icl-tv":
         from tvlens.extract import icl_task_vector
 
-        return icl_task_vector(model, task, layer)
-    try:
-        from tvlens.learn import learn_task_vector
-    except ImportError:
-        raise TvlensError("tvlens.learn is not available in this install; use --method icl") from None
-    return learn_task_vector(model, task, layers=layer)
+        return icl_task_vector(model, task, layer, **kw)
+    from tvlens.learn import learn_task_vector
+
+    return learn_task_vector(model, task, layers=layer, **kw)
 
 
 def cmd_ablate(args) -> int:
-    from tvlens.attribution import ablate_heads, head_saliency, top_heads
-    from tvlens.attribution._common import parse_heads, query_batch
+    from tvlens.attribution import ablate_heads, head_saliency, parse_heads, top_heads
+    from tvlens.prompts import PromptSet
 
-    model, task = load_model_arg(args), load_task_arg(args)
-    vec = _load_vector(args.vector, model)
-    if args.heads:
-        heads = parse_heads(args.heads)
-    else:
+    heads = parse_heads(args.heads) if args.heads else None
+    if heads is None:
         try:
             percent = float(str(args.top).rstrip("%"))
         except ValueError:
             raise TvlensError(f"--top takes a percentage like 10%, got {args.top!r}") from None
-        batch = query_batch(model, task, n=args.n, shots=0 if vec else args.shots, seed=args.seed)
-        heads = top_heads(head_saliency(model, batch, vec)[0], percent)
-    res = ablate_heads(model, task, heads, args.mode, vec, args.random_control, n=args.n,
-                       shots=args.shots, seed=args.seed)
+    model, task = load_model_arg(args), load_task_arg(args)
+    vec = _load_vector(args.vector, model)
+    # one prompt set for the saliency and the ablations: zero-shot with the vector, ICL without
+    prompts = PromptSet.build(model, task, split="test", n=args.n, shots=0 if vec else args.shots,
+                              template=template_for(args, vec, what="tvlens ablate-heads"),
+                              seed=args.seed)
+    if heads is None:
+        heads = top_heads(head_saliency(model, prompts, vec)[0], percent)
+    res = ablate_heads(model, task, heads, args.mode, vec, args.random_control, seed=args.seed,
+                       prompts=prompts)
     out = res.to_dict()
     if args.json:
         print_json(out)
     else:
-        print_table([{"heads": len(res.heads), "mode": res.mode, "none": res.baseline_accuracy,
-                      "ablated": res.ablated_accuracy, "random": res.random_mean}])
+        print_table([{"heads": len(res.heads), "mode": res.mode, "template": res.template,
+                      "none": res.baseline_accuracy, "ablated": res.ablated_accuracy,
+                      "random": res.random_mean}])
     return 0

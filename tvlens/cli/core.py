@@ -5,7 +5,9 @@ from __future__ import annotations
 from tvlens.cli.common import (
     add_json_arg,
     add_model_arg,
+    add_seed_arg,
     add_task_arg,
+    add_template_arg,
     load_model_arg,
     load_task_arg,
     print_json,
@@ -38,7 +40,7 @@ def register(sub) -> None:
     p.add_argument("--shots", type=int, default=5, help="demonstrations (default 5)")
     p.add_argument("--n", type=int, default=1, help="how many prompts (default 1)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test", "all"])
-    p.add_argument("--seed", type=int, default=0)
+    add_seed_arg(p)
     p.add_argument("--shuffled", action="store_true", help="shuffle the demonstrations' labels (FV)")
     add_model_arg(p)
     add_json_arg(p)
@@ -51,11 +53,9 @@ def register(sub) -> None:
     p.add_argument("--vector", default=None, help="a saved task vector (.safetensors) to inject")
     p.add_argument("--split", default="test", choices=["train", "dev", "test", "all"])
     p.add_argument("--n", type=int, default=None, help="evaluate the first N items of the split")
-    p.add_argument("--template", default=None,
-                   help="arrow, qa, or a demo string with {x} and {y} (default: the template the "
-                        "vector was made with, else arrow)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    add_template_arg(p)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward (default 16)")
+    add_seed_arg(p)
     p.add_argument("--exact-match", action="store_true", help="also greedy-decode full answers")
     add_json_arg(p)
     p.set_defaults(func=cmd_evaluate)
@@ -141,15 +141,15 @@ def cmd_evaluate(args) -> int:
     task = load_task_arg(args)
     model = load_model_arg(args)
     vector = TaskVector.load(args.vector, model) if args.vector else None
-    template = args.template or (vector.hyperparameters.get("template") if vector else None) or "arrow"
+    # evaluate resolves it: --template, else the vector's own (a warning when they differ)
     r = evaluate(model, task, shots=args.shots, vector=vector, split=args.split, n=args.n,
-                 template=template, batch_size=args.batch_size, seed=args.seed,
+                 template=args.template, batch_size=args.batch_size, seed=args.seed,
                  exact_match=args.exact_match, progress=not args.json)
     if args.json:
         print_json(r.to_dict())
     else:
         print(f"{r.model} on {r.task} ({r.shots}-shot{', vector ' + args.vector if args.vector else ''}, "
-              f"{r.split} split): accuracy {r}")
+              f"{r.split} split, template {r.template}): accuracy {r}")
         if r.exact_match is not None:
             print(f"exact match: {r.exact_match:.3f}")
     return 0

@@ -57,6 +57,32 @@ def tiny_task(n: int = 40):
     return Task("tiny", tuple((w, colors[i % 7]) for i, w in enumerate(words)), "tiny test task")
 
 
+def tiny_hf_llama(texts):
+    """A random 3-layer GQA Hugging Face ``LlamaForCausalLM`` under a TransformerBridge
+    (0.1 s) whose word tokenizer covers ``texts``: the Hugging Face paths (KV cache,
+    ``generate`` with a cache) run without the embedded model. ``initializer_range=0.2``
+    makes the heads matter (AIEs ~1e-3, not the ~1e-6 of the default 0.02). Seeded by the
+    autouse fixture."""
+    import warnings
+
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tvlens.models import prepare_bridge
+    from tvlens.models.word_tokenizer import word_tokenizer
+
+    tok = word_tokenizer(list(texts))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    hf = LlamaForCausalLM(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_bridge(build_bridge_from_module(hf, "LlamaForCausalLM", hf_config=cfg,
+                                                       tokenizer=tok, model_name="tiny-llama"))
+
+
 @pytest.fixture
 def one_thread():
     """For tests of many tiny forwards or training loops: one torch thread avoids OpenMP

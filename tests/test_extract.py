@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import tiny_hf_llama
 import torch
 from torch import Tensor
 
@@ -37,24 +38,7 @@ def tiny_llama(ragged):
     (0.1 s), so the Hugging Face KV-cache path runs without the embedded model. Its
     tokenizer covers ``ragged`` in the "qa" template; ``initializer_range=0.2`` makes the
     heads matter (AIEs ~1e-3, not the ~1e-6 of the default 0.02)."""
-    import warnings
-
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tvlens.models import prepare_bridge
-    from tvlens.models.word_tokenizer import word_tokenizer
-
-    tok = word_tokenizer([f"Q: {x}\nA: {y}\n\n" for x, y in ragged.pairs])
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2, attn_implementation="eager")
-    hf = LlamaForCausalLM(cfg).eval()  # seeded by the autouse fixture
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return prepare_bridge(build_bridge_from_module(hf, "LlamaForCausalLM", hf_config=cfg,
-                                                tokenizer=tok, model_name="tiny-llama"))
+    return tiny_hf_llama(f"Q: {x}\nA: {y}\n\n" for x, y in ragged.pairs)
 
 
 def _no_runtime_warning(record) -> None:

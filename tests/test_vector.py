@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_hf_llama
 import torch
 
 from tvlens import TaskVector, TvlensError, fingerprint, tiny_model
@@ -273,24 +274,7 @@ def test_unbound_apply_follows_generate(tiny, task):
 def tiny_llama(task):
     """A random 3-layer Hugging Face ``LlamaForCausalLM`` under a TransformerBridge: its
     ``generate`` uses the KV cache (the native tiny model keeps none)."""
-    import warnings
-
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tvlens.models.loading import _finish
-    from tvlens.models.word_tokenizer import word_tokenizer
-
-    tok = word_tokenizer([f"{x} -> {y}\n" for x, y in task.pairs])
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2, attn_implementation="eager")
-    hf = LlamaForCausalLM(cfg).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _finish(build_bridge_from_module(hf, "LlamaForCausalLM", hf_config=cfg,
-                                                tokenizer=tok, model_name="tiny-llama"))
+    return tiny_hf_llama(f"{x} -> {y}\n" for x, y in task.pairs)
 
 
 @pytest.mark.parametrize("position", ["last", "all"])
@@ -314,6 +298,26 @@ def test_unbound_apply_with_kv_cached_generate(tiny_llama, task, position):
     assert [row[0] for row in cached.tolist()] == [row[0] for row in bound]
     if position == "last":
         assert cached.tolist() == bound
+
+
+@pytest.mark.parametrize("position", ["last", "all"])
+def test_batch_bound_apply_with_kv_cached_generate(tiny_llama, task, position):
+    """The batch-bound path on KV-cached steps: "all" covers each new token as in a
+    generation without a cache, "last" stays on the prompt (same tokens either way)."""
+    from tvlens.prompts import tokenize
+
+    model = tiny_llama
+    batch = tokenize(model, _examples(task, [0, 2, 1]))
+    tv = TaskVector.single(model, 20 * torch.randn(model.cfg.d_model), 1, position)
+    kw = dict(attention_mask=batch.attention_mask, max_new_tokens=3, do_sample=False,
+              stop_at_eos=False, verbose=False)
+    with torch.no_grad(), tv.apply(model, batch):
+        cached = model.generate(batch.input_ids, use_past_kv_cache=True, **kw)[:, batch.seq_len:]
+        full = model.generate(batch.input_ids, use_past_kv_cache=False, **kw)[:, batch.seq_len:]
+    assert cached.tolist() == full.tolist()
+    with torch.no_grad(), tv.apply(model):
+        unbound = model.generate(batch.input_ids, use_past_kv_cache=True, **kw)[:, batch.seq_len:]
+    assert unbound.tolist() == cached.tolist()
 
 
 def test_unbound_hooks_are_removed_on_exit_and_on_error(tiny, task):

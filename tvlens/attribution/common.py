@@ -31,7 +31,7 @@ def single_vector(model, vector: TaskVector) -> tuple[int, object, Float[Tensor,
         raise TvlensError(
             f"this analysis takes a vector at one layer and one position, got layers "
             f"{vector.layers} and positions {vector.positions}; slice it with "
-            "TaskVector.single(model, tv.at(layer, pos), layer, pos, mode=tv.mode)"
+            "tv.select(layers=[layer], positions=[pos])"
         )
     if vector.positions[0] == "all":
         raise TvlensError("position 'all' has no single injected position; use a vector at one position")

@@ -14,8 +14,9 @@ adaptive vectors train through it) and the model's own tensors are never mutated
 Generation: positions are columns of the *prompt*; a forward over the prompt plus
 appended tokens (our greedy decoder re-runs the whole sequence) keeps those columns, so
 the vector sits at the same tokens. An incremental KV-cached step (a forward shorter
-than the prompt) is left alone: the prompt's positions were injected in its prefill.
-``"all"`` also covers appended tokens (the released ATV code adds at every position).
+than the prompt) gets only ``"all"``, on its new tokens: the prompt's positions were
+injected in its prefill. ``"all"`` covers appended tokens either way (the released ATV code
+adds at every position).
 
 A :class:`ResidualEdit` is an intervention (:mod:`tvlens.interventions.base`): its
 ``hooks(model, batch)`` are what :func:`tvlens.runner.run` registers. Use as a context
@@ -156,11 +157,14 @@ def _make_hook(spec: InjectionSpec, li: int, entries, mask, prompt_len: int, bat
                 f"{resid.shape[0]}; bind it to the batch you run"
             )
         T = resid.shape[1]
-        if T < prompt_len:  # incremental decoding step: the prefill already injected
-            return resid
         all_rows, all_cols, all_vals = [], [], []
         for pi, (is_all, rows, cols) in enumerate(entries):
-            if is_all and T > prompt_len:  # appended tokens are real too
+            if T < prompt_len:  # a KV-cached step: the prefill injected the prompt's positions;
+                if not is_all:  # "all" also covers the T new tokens
+                    continue
+                rows = torch.arange(batch_size, device=resid.device).repeat_interleave(T)
+                cols = torch.arange(T, device=resid.device).repeat(batch_size)
+            elif is_all and T > prompt_len:  # appended tokens are real too
                 extra = torch.arange(prompt_len, T, device=resid.device)
                 rows = torch.cat([rows.to(resid.device),
                                   torch.arange(batch_size, device=resid.device).repeat_interleave(T - prompt_len)])
@@ -174,6 +178,8 @@ def _make_hook(spec: InjectionSpec, li: int, entries, mask, prompt_len: int, bat
             all_rows.append(rows)
             all_cols.append(cols)
             all_vals.append(vals)
+        if not all_rows:
+            return resid
         rows = torch.cat(all_rows)
         cols = torch.cat(all_cols)
         vals = torch.cat(all_vals).to(device=resid.device, dtype=resid.dtype) * spec.scale

@@ -224,10 +224,6 @@ def prepare_bridge(bridge):
     return bridge
 
 
-# The old private name, until tests/test_extract.py imports prepare_bridge; then delete.
-_finish = prepare_bridge
-
-
 def list_models() -> list[dict[str, Any]]:
     """Rows for ``tvlens models``: name, package, installed, cached, description."""
     rows = []

@@ -129,7 +129,7 @@ def evaluate(
         only_icl_correct: keep only items answered correctly with that many shots.
         examples: prebuilt examples (overrides task/split/shots sampling).
         prompts: a prebuilt :class:`PromptSet` (overrides everything that builds prompts).
-        progress: show a progress bar (default: when there are more than 4 batches).
+        progress: show a progress bar (default: more than 4 batches, on a terminal).
     """
     iv = as_intervention(vector)
     if prompts is None:

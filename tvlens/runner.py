@@ -232,7 +232,7 @@ def run(model, prompts, interventions=None, *, capture=(), capture_at: Position 
         capture_at: the position kept of each captured activation (None: all columns).
         logits: ``"scores"``, ``"last"``, ``"answer"`` or None.
         batch_size: rows per forward (None: all at once).
-        progress: a progress bar (default: when there are more than 4 chunks).
+        progress: a progress bar (default: more than 4 chunks, on a terminal).
         grad: keep the autograd graph (outputs stay on the model's device).
         generate: also greedy-decode each answer's length (``generated`` token ids).
     """
@@ -250,7 +250,7 @@ def run(model, prompts, interventions=None, *, capture=(), capture_at: Position 
         if odd:
             raise TvlensError(f"{odd[0]} is [batch, head, query, key]: whole captures of it cannot "
                               "be joined across chunks; capture it with batch_size=None")
-    show = progress if progress is not None else len(parts) > 4
+    show = _show_progress(progress, len(parts))
     keep: dict[str, list] = {k: [] for k in ("prediction", "lp", "last", "alp", "amask")}
     stores: dict[str, list[Tensor]] = {n: [] for n in names}
     generated: list[list[int]] = []
@@ -316,6 +316,16 @@ def run(model, prompts, interventions=None, *, capture=(), capture_at: Position 
         out.captured[n] = torch.cat([a for _, a in acts])
     out.generated = generated if generate else None
     return out
+
+
+def _show_progress(progress: bool | None, n_steps: int) -> bool:
+    """``progress`` if given; by default a bar for runs of more than 4 forwards, on a terminal
+    only (logs and ``--json`` pipes stay clean)."""
+    if progress is not None:
+        return bool(progress)
+    import sys
+
+    return n_steps > 4 and sys.stderr.isatty()
 
 
 def _pad_right(t: Tensor, width: int, value) -> Tensor:
@@ -423,7 +433,7 @@ def run_variants(model, batch: PromptBatch, variants: Sequence, *, common=None,
         base = _probs(base_logits, targets)
         out = []
         steps = range(0, len(variants), per)
-        show = progress if progress is not None else len(steps) > 4
+        show = _show_progress(progress, len(steps))
         for start in tqdm(steps, disable=not show, desc=desc, leave=False):
             part = variants[start : start + per]
             p = _probs(last_logits(len(part), part), targets.repeat_interleave(len(part)))

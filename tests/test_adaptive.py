@@ -172,19 +172,18 @@ def test_resume_takes_the_same_steps(tiny, task, tmp_path):
 
 
 def test_optimizer_state_round_trips_through_safetensors(tiny, task, tmp_path):
-    from tvlens.adaptive.training import load_optimizer_tensors, optimizer_tensors
-    from tvlens.io import load_tensors, save_tensors
+    from tvlens.io import load_tensors, optimizer_state, optimizer_tensors, save_tensors
 
     gen = _gen(tiny, task)
     params = [p for p in gen.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-3, betas=(0.8, 0.95), weight_decay=1e-5)
     gen.generate(["w1", "w2"]).pow(2).sum().backward()
     opt.step()
-    tensors, meta = optimizer_tensors(opt)
+    tensors, meta = optimizer_tensors(opt.state_dict())
     save_tensors(tmp_path / "opt.safetensors", tensors, meta, key="opt")
     back_tensors, back_meta = load_tensors(tmp_path / "opt.safetensors", key="opt")
     fresh = torch.optim.Adam(params, lr=5.0)
-    load_optimizer_tensors(fresh, back_tensors, back_meta)
+    fresh.load_state_dict(optimizer_state(back_tensors, back_meta))
     a, b = opt.state_dict(), fresh.state_dict()
     assert a["param_groups"] == b["param_groups"] and b["param_groups"][0]["betas"] == (0.8, 0.95)
     assert set(a["state"]) == set(b["state"]) and len(a["state"]) > 20  # every param with a grad

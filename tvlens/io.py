@@ -131,6 +131,36 @@ def load_tensors(path: str | Path, *, key: str, what: str = "tvlens file"
         raise TvlensError(f"{str(path)!r} has malformed metadata: {err}") from None
 
 
+def optimizer_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimizer ``state_dict`` into named tensors and JSON (the inverse of
+    :func:`optimizer_state`): what safetensors can hold, no pickle."""
+    tensors, scalars = {}, {}
+    for i, entry in state_dict["state"].items():
+        for k, v in entry.items():
+            if isinstance(v, Tensor):
+                tensors[f"optimizer/state/{i}/{k}"] = v
+            else:
+                scalars.setdefault(str(i), {})[k] = v
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+              for g in state_dict["param_groups"]]
+    tuples = sorted({k for g in state_dict["param_groups"] for k, v in g.items() if isinstance(v, tuple)})
+    return tensors, {"param_groups": groups, "tuple_keys": tuples, "state": scalars}
+
+
+def optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild the optimizer ``state_dict`` from :func:`optimizer_tensors`'s two halves."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        if name.startswith("optimizer/state/"):
+            i, k = name.removeprefix("optimizer/state/").split("/", 1)
+            state.setdefault(int(i), {})[k] = t
+    for i, entry in meta.get("state", {}).items():
+        state.setdefault(int(i), {}).update(entry)
+    tuple_keys = set(meta.get("tuple_keys", ()))
+    groups = [{k: tuple(v) if k in tuple_keys else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
 def versions() -> dict[str, str]:
     """The versions of tvlens and the libraries whose changes can move a number."""
     from importlib.metadata import PackageNotFoundError, version

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tvlens.errors import TvlensError
-from tvlens.io import load_tensors, save_tensors, versions
+from tvlens.io import load_tensors, optimizer_state, optimizer_tensors, save_tensors, versions
 from tvlens.methods import ATVConfig
 from tvlens.prompts import PromptSet, make_examples
 from tvlens.runner import run
@@ -176,37 +176,9 @@ def train_generator(
     return history
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """An optimizer's ``state_dict`` as named tensors (``state.{param}.{name}``) and JSON
-    (the param groups and any non-tensor state): what safetensors can hold, no pickle."""
-    sd = opt.state_dict()
-    tensors, other = {}, {}
-    for idx, entries in sd["state"].items():
-        for name, value in entries.items():
-            if isinstance(value, Tensor):
-                tensors[f"state.{idx}.{name}"] = value
-            else:
-                other.setdefault(str(idx), {})[name] = value
-    return tensors, {"param_groups": sd["param_groups"], "state": other}
-
-
-def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, Tensor],
-                           meta: dict[str, Any]) -> None:
-    """Inverse of :func:`optimizer_tensors` into ``opt`` (tuples, e.g. Adam's betas, restored)."""
-    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["state"].items()}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    groups = []
-    for saved, current in zip(meta["param_groups"], opt.param_groups):
-        groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
 def _save_checkpoint(folder: Path, generator, opt, history: dict) -> None:
-    opt_tensors, opt_meta = optimizer_tensors(opt)
-    tensors = {**{f"generator.{k}": v for k, v in generator._named_tensors().items()},
-               **{f"optimizer.{k}": v for k, v in opt_tensors.items()}}
+    opt_tensors, opt_meta = optimizer_tensors(opt.state_dict())  # named "optimizer/..."
+    tensors = {**{f"generator.{k}": v for k, v in generator._named_tensors().items()}, **opt_tensors}
     save_tensors(folder / CKPT_FILE, tensors, {"history": history, "optimizer": opt_meta,
                                                "config": generator.config.to_dict()}, key=CKPT_KEY)
 
@@ -219,9 +191,8 @@ def _load_checkpoint(folder: Path, generator, opt) -> dict:
                           "layers; resume with the same target and generator settings")
     part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     generator.load_weights(part("generator."))
-    load_optimizer_tensors(opt, part("optimizer."), meta["optimizer"])
+    opt.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
     return meta["history"]
 
 
-__all__ = ["check_unseen", "frozen", "load_optimizer_tensors", "optimizer_tensors",
-           "train_generator", "training_pairs"]
+__all__ = ["check_unseen", "frozen", "train_generator", "training_pairs"]

@@ -83,6 +83,25 @@ class ResidualEdit(Intervention):
     def hooks(self, model, batch: PromptBatch) -> list[Hook]:
         return injection_hooks(model, batch, self)
 
+    def write(self, resid: Tensor, li: int, sites) -> Tensor:
+        """``resid`` with layer ``li``'s vectors written at ``sites``: per position index
+        ``pi``, the ``(rows, cols)`` it covers in this forward (add or replace, scaled)."""
+        rows_l, cols_l, vals_l = [], [], []
+        for pi, rows, cols in sites:
+            rows, cols = rows.to(resid.device), cols.to(resid.device)
+            if self.per_example:
+                vals = self.vectors[:, li, pi].to(resid.device)[rows]
+            else:
+                vals = self.vectors[li, pi].expand(rows.shape[0], -1)
+            rows_l.append(rows)
+            cols_l.append(cols)
+            vals_l.append(vals)
+        if not rows_l:
+            return resid
+        vals = torch.cat(vals_l).to(device=resid.device, dtype=resid.dtype) * self.scale
+        return resid.index_put((torch.cat(rows_l), torch.cat(cols_l)), vals,
+                               accumulate=self.mode == "add")
+
     def for_rows(self, rows) -> ResidualEdit:
         """Per-example vectors of ``rows`` only (shared vectors: unchanged)."""
         if not self.per_example:
@@ -157,7 +176,7 @@ def _make_hook(spec: InjectionSpec, li: int, entries, mask, prompt_len: int, bat
                 f"{resid.shape[0]}; bind it to the batch you run"
             )
         T = resid.shape[1]
-        all_rows, all_cols, all_vals = [], [], []
+        sites = []
         for pi, (is_all, rows, cols) in enumerate(entries):
             if T < prompt_len:  # a KV-cached step: the prefill injected the prompt's positions;
                 if not is_all:  # "all" also covers the T new tokens
@@ -169,21 +188,8 @@ def _make_hook(spec: InjectionSpec, li: int, entries, mask, prompt_len: int, bat
                 rows = torch.cat([rows.to(resid.device),
                                   torch.arange(batch_size, device=resid.device).repeat_interleave(T - prompt_len)])
                 cols = torch.cat([cols.to(resid.device), extra.repeat(batch_size)])
-            rows = rows.to(resid.device)
-            cols = cols.to(resid.device)
-            if spec.per_example:
-                vals = spec.vectors[:, li, pi][rows]
-            else:
-                vals = spec.vectors[li, pi].expand(rows.shape[0], -1)
-            all_rows.append(rows)
-            all_cols.append(cols)
-            all_vals.append(vals)
-        if not all_rows:
-            return resid
-        rows = torch.cat(all_rows)
-        cols = torch.cat(all_cols)
-        vals = torch.cat(all_vals).to(device=resid.device, dtype=resid.dtype) * spec.scale
-        return resid.index_put((rows, cols), vals, accumulate=spec.mode == "add")
+            sites.append((pi, rows, cols))
+        return spec.write(resid, li, sites)
 
     return hook
 

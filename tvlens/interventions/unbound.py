@@ -131,23 +131,8 @@ class _Tracker:
             if tuple(resid.shape[:2]) != f.shape:
                 raise TvlensError(f"the residual has shape {tuple(resid.shape[:2])} but the "
                                   f"forward's inputs {f.shape}; apply the vector with a batch")
-            rows_l, cols_l, vals_l = [], [], []
-            for pi, entry in enumerate(f.entries):
-                if entry is None:
-                    continue
-                rows, cols = (t.to(resid.device) for t in entry)
-                if edit.per_example:
-                    vals = edit.vectors[:, li, pi].to(resid.device)[rows]
-                else:
-                    vals = edit.vectors[li, pi].expand(rows.shape[0], -1)
-                rows_l.append(rows)
-                cols_l.append(cols)
-                vals_l.append(vals)
-            if not rows_l:
-                return resid
-            vals = torch.cat(vals_l).to(device=resid.device, dtype=resid.dtype) * edit.scale
-            return resid.index_put((torch.cat(rows_l), torch.cat(cols_l)), vals,
-                                   accumulate=edit.mode == "add")
+            return edit.write(resid, li, [(pi, *entry) for pi, entry in enumerate(f.entries)
+                                          if entry is not None])
 
         return fn
 

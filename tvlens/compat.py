@@ -28,7 +28,11 @@ from tvlens.errors import TvlensError
 
 TESTED: dict[str, tuple[str, str]] = {
     # distribution: (lowest tested, first untested), i.e. lowest <= version < first untested
-    "transformers": ("5.9", "5.25"),
+    # 5.24 renamed the cache argument; TransformerLens 4.3's attention then keeps an empty
+    # cache, so TransformerBridge.generate (KV cache on by default) continues without context
+    # (measured: tests/test_environment.py). tvlens's own prefix cache works around it
+    # (tvlens.kv_cache), the bridge's generate cannot be: 5.24 is outside the tested range.
+    "transformers": ("5.9", "5.24"),
     "transformer-lens": ("4.3", "4.4"),
 }
 

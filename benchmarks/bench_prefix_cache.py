@@ -21,7 +21,8 @@ torch.set_num_threads(1)
 import tvlens  # noqa: E402
 from tvlens.learn.prefix import capture_prefix  # noqa: E402
 from tvlens.learn.trainer import ltv_loss, select_rows  # noqa: E402
-from tvlens.prompts import PromptSet, with_answers  # noqa: E402
+from tvlens.forward import with_answers  # noqa: E402
+from tvlens.prompts import PromptSet  # noqa: E402
 from tvlens.runner import pad_id  # noqa: E402
 
 

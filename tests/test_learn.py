@@ -13,7 +13,8 @@ from tvlens.learn import learn_task_vector
 from tvlens.learn.experiments import composed_task
 from tvlens.learn.prefix import capture_prefix
 from tvlens.learn.trainer import ltv_loss, select_rows
-from tvlens.prompts import make_examples, tokenize, with_answers
+from tvlens.forward import with_answers
+from tvlens.prompts import make_examples, tokenize
 from tvlens.tasks import Task, load_task
 
 FAST = dict(steps=4, dev_every=2, n_dev=4, progress=False)

@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from tvlens import TaskVector, forward, load_task, make_examples, tokenize
-from tvlens.prompts import with_answers
+from tvlens.forward import with_answers
 from tvlens.runner import answer_logprobs, greedy_answers, last_token_logits, pad_id
 from tvlens.stats import bootstrap_ci
 

@@ -280,51 +280,6 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Int[Tensor
     return input_ids, mask
 
 
-@dataclass
-class TeacherForcedBatch:
-    """A prompt batch with each answer appended (right-padded) for teacher forcing.
-
-    Columns ``0..prompt_len-1`` are exactly the prompt batch's (left padding unchanged,
-    so resolved prompt positions stay valid); answer token j of row b sits in column
-    ``prompt_len + j`` and is predicted from column ``prompt_len + j - 1``.
-
-    Attributes:
-        input_ids, attention_mask: ``[batch, prompt_len + max_answer_len]``.
-        targets: ``[batch, max_answer_len]`` answer ids, ``-100`` where a row has none.
-        prompt: the prompt batch.
-    """
-
-    input_ids: Int[Tensor, "batch seq"]
-    attention_mask: Int[Tensor, "batch seq"]
-    targets: Int[Tensor, "batch answer"]
-    prompt: PromptBatch
-
-    @property
-    def prompt_len(self) -> int:
-        return self.prompt.seq_len
-
-
-def with_answers(batch: PromptBatch, pad_id: int = 0) -> TeacherForcedBatch:
-    """Append every row's full answer to ``batch`` (see :class:`TeacherForcedBatch`)."""
-    A = max(len(a) for a in batch.answer_ids)
-    B = len(batch)
-    dev = batch.input_ids.device
-    extra = torch.full((B, A), pad_id, dtype=torch.long, device=dev)
-    extra_mask = torch.zeros((B, A), dtype=torch.long, device=dev)
-    targets = torch.full((B, A), -100, dtype=torch.long, device=dev)
-    for i, ans in enumerate(batch.answer_ids):
-        t = torch.tensor(ans, dtype=torch.long, device=dev)
-        extra[i, : len(ans)] = t
-        extra_mask[i, : len(ans)] = 1
-        targets[i, : len(ans)] = t
-    return TeacherForcedBatch(
-        torch.cat([batch.input_ids, extra], dim=1),
-        torch.cat([batch.attention_mask, extra_mask], dim=1),
-        targets,
-        batch,
-    )
-
-
 # ----- the prompt set -------------------------------------------------------------------
 def build_examples(task: Task, *, shots: int, split: str = "test", n: int | None = None,
                    seed: int = 0, shuffle_labels: bool = False) -> list[Example]:

@@ -30,122 +30,31 @@ interventions that touch only the last token, the shared prefix runs once into a
 cache (:mod:`tvlens.kv_cache`). This is FV's indirect effect and the exhaustive
 key-head ground truth.
 
-The lower-level forward primitives (:func:`forward`, :func:`last_token_logits`,
-:func:`answer_logprobs`, :func:`answer_nll`, :func:`greedy_answers`) take one
-left-padded batch and ``fwd_hooks``; :func:`run` calls them per chunk.
+The lower-level forward primitives (:mod:`tvlens.forward`: ``forward``,
+``last_token_logits``, ``answer_logprobs``, ``answer_nll``, ``greedy_answers``) take one
+left-padded batch and ``fwd_hooks``; :func:`run` calls them per chunk (they are importable
+from here too).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from tvlens.errors import TvlensError
 from tvlens.interventions.base import Hook, as_intervention, intervention_hooks
-from tvlens.prompts import Position, PromptBatch, TeacherForcedBatch, with_answers
+from tvlens.forward import (TeacherForcedBatch, answer_logprobs, answer_nll, answer_probs,  # noqa: F401
+                            forward, greedy_answers, last_token_logits, pad_id, run_logits,
+                            with_answers)
+from tvlens.prompts import Position, PromptBatch
 
 LOGITS = ("scores", "last", "answer", None)
-
-
-# ----- forward primitives over one left-padded batch ----------------------------------
-def run_logits(model, input_ids: Tensor, attention_mask: Tensor, hooks: Sequence[Hook] = (), *,
-               logits_to_keep: int | None = None) -> Tensor:
-    """``model`` logits for raw ids and mask, with hooks and an optional last-``k`` cut.
-
-    ``logits_to_keep=k`` returns only the last ``k`` columns' logits; Hugging Face models
-    then skip the unembedding elsewhere (on SmolLM2 ``W_U`` costs about as much as eight
-    blocks), others compute everything and are sliced.
-    """
-    ids = input_ids.to(model.cfg.device)
-    mask = attention_mask.to(model.cfg.device)
-    kwargs = {} if logits_to_keep is None else {"logits_to_keep": int(logits_to_keep)}
-    if hooks:
-        logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=list(hooks), **kwargs)
-    else:
-        logits = model(ids, attention_mask=mask, **kwargs)
-    if logits_to_keep is not None and logits.shape[1] != logits_to_keep:
-        logits = logits[:, -int(logits_to_keep):]  # the model ignored the argument
-    return logits
-
-
-def forward(model, batch: PromptBatch, hooks: Sequence[Hook] = (), *,
-            logits_to_keep: int | None = None) -> Float[Tensor, "batch seq vocab"]:
-    """Logits of ``model`` over a left-padded ``batch`` (mask passed, so positions are right)."""
-    return run_logits(model, batch.input_ids, batch.attention_mask, hooks, logits_to_keep=logits_to_keep)
-
-
-def last_token_logits(model, batch: PromptBatch, hooks: Sequence[Hook] = ()) -> Float[Tensor, "batch vocab"]:
-    """Next-token logits at each prompt's last real token."""
-    cols = batch.position_index("last")
-    if bool((cols == batch.seq_len - 1).all()):  # left padding: every prompt ends the row
-        return forward(model, batch, hooks, logits_to_keep=1)[:, -1]
-    logits = forward(model, batch, hooks)
-    return logits[torch.arange(len(batch), device=logits.device), cols.to(logits.device)]
-
-
-def pad_id(model) -> int:
-    tok = getattr(model, "tokenizer", None)
-    return int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
-
-
-def answer_logprobs(model, batch: PromptBatch | TeacherForcedBatch, hooks: Sequence[Hook] = ()
-                    ) -> tuple[Float[Tensor, "batch answer"], Tensor]:
-    """Teacher-forced log p of every answer token: ``(logprobs [B, A], mask [B, A])``.
-
-    Hooks bound to the prompt batch stay valid: the answer is appended on the right, so
-    prompt columns do not move. ``mask`` is True where a row has an answer token.
-    """
-    tf = batch if isinstance(batch, TeacherForcedBatch) else with_answers(batch, pad_id(model))
-    A = tf.targets.shape[1]
-    # columns P-1 .. P+A-2 predict the answer tokens: the last A+1 columns hold them
-    logits = run_logits(model, tf.input_ids, tf.attention_mask, hooks, logits_to_keep=A + 1)
-    pred = logits[:, :A].float().log_softmax(-1)
-    targets = tf.targets.to(model.cfg.device)
-    valid = targets != -100
-    lp = pred.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return lp * valid, valid
-
-
-def answer_nll(model, batch, hooks: Sequence[Hook] = ()) -> Float[Tensor, " batch"]:
-    """−(mean over answer tokens of log p), per example: the LTV / ATV training loss."""
-    lp, valid = answer_logprobs(model, batch, hooks)
-    return -(lp.sum(-1) / valid.sum(-1))
-
-
-@torch.no_grad()
-def greedy_answers(model, batch: PromptBatch, hooks: Sequence[Hook] = (),
-                   max_new_tokens: int | None = None) -> list[list[int]]:
-    """Greedy continuations, ``len(answer)`` tokens per row (or ``max_new_tokens``).
-
-    Re-runs the whole sequence each step (no KV cache), so hooks bound to the prompt act
-    on the same columns every step; answers are a few tokens, so this costs little.
-    """
-    n_new = max_new_tokens or max(len(a) for a in batch.answer_ids)
-    device = model.cfg.device
-    ids = batch.input_ids.to(device)
-    mask = batch.attention_mask.to(device)
-    out = []
-    for _ in range(n_new):
-        logits = run_logits(model, ids, mask, hooks, logits_to_keep=1)
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        out.append(nxt)
-        ids = torch.cat([ids, nxt], dim=1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-    gen = torch.cat(out, dim=1).tolist()
-    return [g[: (max_new_tokens or len(a))] for g, a in zip(gen, batch.answer_ids)]
-
-
-def answer_probs(last_logits: Tensor, batch: PromptBatch) -> Float[Tensor, " batch"]:
-    """p(first answer token) from last-token logits ``[batch, vocab]``."""
-    target = batch.first_answer_ids.to(last_logits.device)
-    return last_logits.float().softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
 # ----- the runner ---------------------------------------------------------------------

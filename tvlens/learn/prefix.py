@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from tvlens.compat import has_original_component, original_component, swap_original_component
 from tvlens.interventions import Hook, resid_hook_name
-from tvlens.prompts import PromptBatch, TeacherForcedBatch
+from tvlens.forward import TeacherForcedBatch
+from tvlens.prompts import PromptBatch
 from tvlens.runner import run
 
 CACHE_BUDGET_BYTES = 2 * 1024**3

@@ -58,9 +58,9 @@ from tvlens.learn.prefix import (CACHE_BUDGET_BYTES, cache_nbytes, cached_forwar
                                  capture_prefix, prefix_cache_support)
 from tvlens.methods import LTVConfig
 from tvlens.models.loading import fingerprint
-from tvlens.prompts import (Position, PromptBatch, PromptSet, Template, TeacherForcedBatch,
-                            get_template, template_name, with_answers)
-from tvlens.runner import answer_nll, pad_id, run, trim
+from tvlens.forward import TeacherForcedBatch, answer_nll, pad_id, with_answers
+from tvlens.prompts import Position, PromptBatch, PromptSet, Template, get_template, template_name
+from tvlens.runner import run, trim
 from tvlens.tasks.task import Task
 from tvlens.vector import TaskVector
 

@@ -11,6 +11,7 @@ import torch
 import tvlens
 from tvlens import TaskVector, TvlensError
 from tvlens.activations import capture
+from tvlens.interventions import Freeze
 from tvlens.attribution import (
     ablate_heads, ablation_effects, final_change, fit_linear_map, head_means, head_saliency,
     key_head_analysis, ov_decomposition, parse_heads, polar, reinjection_test, rotation_scaling,
@@ -88,8 +89,10 @@ def test_frozen_pattern_ov_term_is_exact_output_difference(tiny, task):
     names = ["blocks.1.attn.hook_pattern", "blocks.1.ln1.hook_scale", "blocks.1.attn.hook_z"]
     with torch.no_grad():
         on = capture(tiny, batch, names, vec.hooks(tiny, batch))
-        frozen = [(n, (lambda t, hook, x=on[n]: x.clone())) for n in names[:2]]
+        frozen = Freeze.record(tiny, batch, names[:2], vec)  # pattern and scale of the θ run
         off = capture(tiny, batch, names[2:], frozen)
+        with pytest.raises(TvlensError, match="both replace blocks.1.attn.hook_pattern"):
+            frozen + Freeze.record(tiny, batch, names[:1])
     rows, q = torch.arange(len(batch)), batch.position_index("last")
     dz = (on[names[2]] - off[names[2]])[rows, q]  # [B, H, dh]
     diff = torch.einsum("bhd,hdm->bhm", dz, tiny.blocks[1].attn.W_O)

@@ -151,6 +151,12 @@ def test_chunks_are_the_prompts_tokenized_alone(tiny, task):
 def test_answer_logits_agree_with_scores(tiny, task):
     ps = _prompts(tiny, task)
     a, s = run(tiny, ps, logits="answer"), run(tiny, ps, logits="scores")
+    full = run(tiny, ps, logits="all", batch_size=4)  # two chunks, re-aligned on the right
+    from tvlens.forward import forward
+    ref = forward(tiny, ps.batch)
+    mask = ps.batch.attention_mask.bool()
+    assert torch.allclose(full.logits[mask], ref[mask].float(), atol=1e-5)
+    assert torch.equal(full.prediction, s.prediction)
     assert torch.equal(a.prediction, s.prediction)
     assert torch.allclose(a.first_answer_logprob, s.first_answer_logprob, atol=1e-5)
     assert torch.allclose(a.answer_logprobs[:, 0], s.first_answer_logprob, atol=1e-5)

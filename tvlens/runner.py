@@ -14,6 +14,8 @@ registration (all removed on exit, also on error) and the gathering of outputs:
 ``"last"``         the above and ``last_logits`` ``[N, vocab]``
 ``"answer"``       the above and the teacher-forced ``answer_logprobs`` ``[N, A]``
                    with ``answer_mask`` (answers appended on the right)
+``"all"``          the scores and ``logits`` ``[N, T, vocab]`` at every prompt column
+                   (chunks left-padded with zeros, like whole captures)
 ``None``           nothing (capture only)
 =================  ==========================================================
 
@@ -54,7 +56,7 @@ from tvlens.forward import (TeacherForcedBatch, answer_logprobs, answer_nll, ans
                             with_answers)
 from tvlens.prompts import Position, PromptBatch
 
-LOGITS = ("scores", "last", "answer", None)
+LOGITS = ("scores", "last", "answer", "all", None)
 
 
 # ----- the runner ---------------------------------------------------------------------
@@ -66,6 +68,7 @@ class RunOutput:
     prediction: Tensor | None = None
     first_answer_logprob: Tensor | None = None
     last_logits: Tensor | None = None
+    logits: Tensor | None = None
     answer_logprobs: Tensor | None = None
     answer_mask: Tensor | None = None
     captured: dict[str, Tensor] = field(default_factory=dict)
@@ -139,7 +142,7 @@ def run(model, prompts, interventions=None, *, capture=(), capture_at: Position 
         interventions: an intervention, a list of them (composed), or None.
         capture: hook names (or a predicate over hook names) to keep.
         capture_at: the position kept of each captured activation (None: all columns).
-        logits: ``"scores"``, ``"last"``, ``"answer"`` or None.
+        logits: ``"scores"``, ``"last"``, ``"answer"``, ``"all"`` or None.
         batch_size: rows per forward (None: all at once).
         progress: a progress bar (default: more than 4 chunks, on a terminal).
         grad: keep the autograd graph (outputs stay on the model's device).
@@ -160,7 +163,7 @@ def run(model, prompts, interventions=None, *, capture=(), capture_at: Position 
             raise TvlensError(f"{odd[0]} is [batch, head, query, key]: whole captures of it cannot "
                               "be joined across chunks; capture it with batch_size=None")
     show = _show_progress(progress, len(parts))
-    keep: dict[str, list] = {k: [] for k in ("prediction", "lp", "last", "alp", "amask")}
+    keep: dict[str, list] = {k: [] for k in ("prediction", "lp", "last", "alp", "amask", "all")}
     stores: dict[str, list[Tensor]] = {n: [] for n in names}
     generated: list[list[int]] = []
     out_dev = None if grad else "cpu"
@@ -191,6 +194,11 @@ def run(model, prompts, interventions=None, *, capture=(), capture_at: Position 
                 keep["alp"].append(move(lp.squeeze(-1) * valid))
                 keep["amask"].append(move(valid))
                 last = lg[:, 0]  # column prompt_len - 1: every row's last prompt token
+            elif logits == "all":
+                lg = run_logits(model, part.input_ids, part.attention_mask, all_hooks)
+                keep["all"].append(move(_pad(lg.float(), batch.seq_len - part.seq_len, 0)))
+                last = lg[torch.arange(len(part), device=lg.device),
+                          part.position_index("last").to(lg.device)]
             elif logits is None:
                 if all_hooks:
                     run_logits(model, part.input_ids, part.attention_mask, all_hooks, logits_to_keep=1)
@@ -214,6 +222,8 @@ def run(model, prompts, interventions=None, *, capture=(), capture_at: Position 
         out.first_answer_logprob = torch.cat(keep["lp"])
     if keep["last"]:
         out.last_logits = torch.cat(keep["last"])
+    if keep["all"]:
+        out.logits = torch.cat(keep["all"])
     if keep["alp"]:
         A = max(t.shape[1] for t in keep["alp"])
         out.answer_logprobs = torch.cat([_pad_right(t, A, 0.0) for t in keep["alp"]])

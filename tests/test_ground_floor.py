@@ -117,6 +117,8 @@ def test_compositions_that_cannot_go_together_are_refused(tiny, task):
     c = TaskVector.single(other, torch.randn(d), 1, "last")
     with pytest.raises(TvlensError, match="made for .*made for"):
         a + c.spec() + HeadPatch.zero(tiny, [(0, 0)], ) + Compose([c])
+    with pytest.raises(TvlensError, match=r"cannot compose TaskVector\(custom.*HeadPatch\(set 0\.0"):
+        c + HeadPatch.zero(tiny, [(0, 0)])  # a vector and an ablation for different models
 
 
 # ----- the runner ---------------------------------------------------------------------

@@ -36,6 +36,12 @@ from tvlens.interventions.base import Hook, Intervention
 from tvlens.prompts import Position, PromptBatch
 
 
+def _fingerprint(model):
+    from tvlens.models.loading import fingerprint
+
+    return fingerprint(model)
+
+
 def z_hook_name(layer: int) -> str:
     """The hook point of every head's output before ``W_O`` in block ``layer``."""
     return f"blocks.{layer}.attn.hook_z"
@@ -89,15 +95,16 @@ class HeadPatch(Intervention):
     # ----- the usual patches --------------------------------------------------------
     @classmethod
     def zero(cls, model, heads: Sequence[Sequence[int]], *, position: Position = "last") -> HeadPatch:
-        """Zero ablation of ``heads`` (validated against ``model``)."""
-        return cls(check_heads(model, heads), 0, position=position)
+        """Zero ablation of ``heads`` (validated against ``model``, and made for it)."""
+        return cls(check_heads(model, heads), 0, position=position, made_for=_fingerprint(model))
 
     @classmethod
     def mean(cls, model, heads: Sequence[Sequence[int]], means: Tensor, *,
              position: Position = "last") -> HeadPatch:
         """Mean ablation: ``z[l, h] ← means[l, h]`` (``means``: ``[n_layers, n_heads, d_head]``)."""
         heads = check_heads(model, heads)
-        return cls(heads, [means[layer, h] for layer, h in heads], position=position)
+        return cls(heads, [means[layer, h] for layer, h in heads], position=position,
+                   made_for=_fingerprint(model))
 
     @classmethod
     def ablation(cls, model, heads, mode: str = "zero", means: Tensor | None = None, *,

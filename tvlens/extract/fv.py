@@ -43,7 +43,7 @@ from tvlens.extract.icl_tv import chunk_sum
 from tvlens.heads import Head, all_heads, check_heads
 from tvlens.interventions import HeadPatch, check_layer, z_hook_name
 from tvlens.kv_cache import model_dtype
-from tvlens.methods import FVConfig
+from tvlens.methods import DEFAULT_TEMPLATES, FVConfig
 from tvlens.prompts import PromptBatch, PromptSet, sample_queries
 from tvlens.results import HeadTable
 from tvlens.runner import answer_probs, run, run_variants
@@ -52,9 +52,12 @@ from tvlens.templates import Template, template_name
 from tvlens.vector import TaskVector
 
 
+FV_TEMPLATE = DEFAULT_TEMPLATES["fv"]  # the one table of per-method formats
+
+
 @torch.no_grad()
 def mean_head_outputs(
-    model, task: Task, *, shots: int = 10, n_prompts: int = 32, template: str | Template = "qa",
+    model, task: Task, *, shots: int = 10, n_prompts: int = 32, template: str | Template = FV_TEMPLATE,
     batch_size: int = 8, seed: int = 0,
 ) -> Float[Tensor, "layer head d_head"]:
     """``z̄[l, h]``: mean ``hook_z`` of every query head at the last token of clean prompts.
@@ -74,7 +77,7 @@ def mean_head_outputs(
 
 
 def shuffled_prompts(model, task: Task, *, shots: int = 10, n_prompts: int = 16,
-                     template: str | Template = "qa", seed: int = 1) -> PromptBatch:
+                     template: str | Template = FV_TEMPLATE, seed: int = 1) -> PromptBatch:
     """M shuffled-label K-shot prompts (train queries), as one left-padded batch."""
     if shots < 2:
         raise TvlensError(f"shuffled-label prompts need at least 2 shots, got {shots}")
@@ -118,7 +121,7 @@ def _table(model, heads: Sequence[Head], effects: Sequence[float]) -> Tensor:
 @torch.no_grad()
 def indirect_effects(
     model, task: Task, mean_z: Float[Tensor, "layer head d_head"], *, shots: int = 10,
-    n_prompts: int = 16, template: str | Template = "qa", batch_size: int = 64, seed: int = 1,
+    n_prompts: int = 16, template: str | Template = FV_TEMPLATE, batch_size: int = 64, seed: int = 1,
     heads: Sequence[Head] | None = None, prefix_cache: bool | str = "auto",
     batch: PromptBatch | PromptSet | None = None,
 ) -> Float[Tensor, "layer head"]:
@@ -147,7 +150,7 @@ def indirect_effects(
 @torch.no_grad()
 def indirect_effects_loop(
     model, task: Task, mean_z: Float[Tensor, "layer head d_head"], *, shots: int = 10,
-    n_prompts: int = 16, template: str | Template = "qa", seed: int = 1,
+    n_prompts: int = 16, template: str | Template = FV_TEMPLATE, seed: int = 1,
     heads: Sequence[Head] | None = None, batch: PromptBatch | PromptSet | None = None,
 ) -> Float[Tensor, "layer head"]:
     """Reference AIE: one full forward over the prompts per head (L·H forwards)."""
@@ -181,7 +184,7 @@ def fv_from_heads(model, mean_z: Float[Tensor, "layer head d_head"],
 
 def function_vector(
     model, task: Task, k: int = 10, *, layer: int | None = None, shots: int = 10,
-    n_prompts: int = 32, n_ie_prompts: int = 16, template: str | Template = "qa",
+    n_prompts: int = 32, n_ie_prompts: int = 16, template: str | Template = FV_TEMPLATE,
     batch_size: int = 64, seed: int = 0,
     mean_z: Tensor | None = None, aie: Tensor | None = None,
 ) -> TaskVector:

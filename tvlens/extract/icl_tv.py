@@ -31,7 +31,7 @@ from torch import Tensor
 from tvlens.errors import TvlensError
 from tvlens.interventions import check_layer, resid_hook_name
 from tvlens.kv_cache import model_dtype
-from tvlens.methods import ICLTVConfig, VanillaConfig
+from tvlens.methods import DEFAULT_TEMPLATES, ICLTVConfig, VanillaConfig
 from tvlens.models.loading import fingerprint
 from tvlens.prompts import PromptSet, sample_queries
 from tvlens.runner import run
@@ -85,7 +85,7 @@ def icl_task_vector(
     *,
     shots: int = 5,
     n_prompts: int = 32,
-    template: str | Template = "arrow",
+    template: str | Template = DEFAULT_TEMPLATES["icl-tv"],
     batch_size: int = 16,
     seed: int = 0,
 ) -> TaskVector:
@@ -125,7 +125,7 @@ def vanilla_task_vector(
     *,
     shots: int = 5,
     n_prompts: int = 32,
-    template: str | Template = "arrow",
+    template: str | Template = DEFAULT_TEMPLATES["vanilla"],
     batch_size: int = 16,
     seed: int = 0,
 ) -> TaskVector:

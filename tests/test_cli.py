@@ -65,6 +65,22 @@ def test_prompt_prints_hendels_format(capsys):
     assert y == x.capitalize() and body[-1].endswith("->")
 
 
+def test_prompt_of_a_method_uses_its_own_format(capsys):
+    """icl-tv's default is Hendel's format (and K = 5); fv's is Todd's."""
+    assert main(["prompt", "--task", "capitalize", "--method", "icl-tv"]) == 0
+    body = capsys.readouterr().out.splitlines()[1:]
+    assert len(body) == 6 and all(b.startswith("example: ") for b in body)
+    assert main(["prompt", "--task", "capitalize", "--method", "fv", "--shots", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("Q: ")
+
+
+def test_bad_prompt_requests(capsys):
+    assert main(["prompt", "--task", "capitalize"]) == 2
+    assert "give --template NAME or --method NAME" in capsys.readouterr().err
+    assert main(["prompt", "--task", "capitalize", "--method", "tvp"]) == 2
+    assert "writes no text prompts" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_prompt_json_tokens_rebuild_the_prompt(smol, capsys):
     assert main(["prompt", "--task", "antonym", "--template", "fv", "--shots", "3", "--json"]) == 0

@@ -61,17 +61,18 @@ def test_icl_task_vector_is_mean_of_cached_residuals(tiny, ragged):
     examples = make_examples(sample_queries(ragged, 7, seed=4, shots=3), ragged.train, shots=3, seed=4)
     assert len({len(tokenize(tiny, [e]).input_ids[0]) for e in examples}) > 1  # really ragged
     for i, layer in enumerate([0, 2]):
-        oracle = _one_by_one(tiny, examples, get_template("arrow"),
+        oracle = _one_by_one(tiny, examples, get_template(tv.template),  # the default: hendel
                              f"blocks.{layer}.hook_resid_post").mean(0)
         torch.testing.assert_close(tv.vectors[i, 0], oracle, atol=1e-5, rtol=1e-5)
     assert tv.mode == "replace" and tv.layers == (0, 2) and tv.positions == ("last",)
+    assert tv.template == "hendel"  # Hendel's own format is the method's default
 
 
 def test_vanilla_is_icl_minus_zero_shot_mean(tiny, ragged):
     van = vanilla_task_vector(tiny, ragged, 1, shots=3, n_prompts=6, batch_size=4, seed=2)
     icl = icl_task_vector(tiny, ragged, 1, shots=3, n_prompts=6, batch_size=4, seed=2)
     zero = make_examples(sample_queries(ragged, 6, seed=2, shots=3), shots=0)
-    oracle = _one_by_one(tiny, zero, get_template("arrow"), "blocks.1.hook_resid_post").mean(0)
+    oracle = _one_by_one(tiny, zero, get_template(van.template), "blocks.1.hook_resid_post").mean(0)
     torch.testing.assert_close(van.vectors[0, 0], icl.vectors[0, 0] - oracle, atol=1e-5, rtol=1e-5)
     assert van.mode == "add" and van.method == "vanilla"
 

@@ -35,9 +35,14 @@ def register(sub) -> None:
 
     p = sub.add_parser("prompt", help="print the exact prompt a method would see")
     add_task_arg(p)
-    p.add_argument("--template", required=True,
-                   help="hendel, fv, qa, arrow, or a demo string with {x} and {y}")
-    p.add_argument("--shots", type=int, default=5, help="demonstrations (default 5)")
+    p.add_argument("--template", default=None,
+                   help="hendel, fv, qa, arrow, or a demo string with {x} and {y} "
+                        "(default: the --method's own format)")
+    p.add_argument("--method", default=None,
+                   help="show the prompts of this method (icl-tv, vanilla, fv, ltv, atv): its "
+                        "format and shots, unless --template / --shots say otherwise")
+    p.add_argument("--shots", type=int, default=None, help="demonstrations (default: the "
+                   "method's, else 5)")
     p.add_argument("--n", type=int, default=1, help="how many prompts (default 1)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test", "all"])
     add_seed_arg(p)
@@ -65,6 +70,20 @@ def cmd_prompt(args) -> int:
     """The prompt strings; with ``--json`` also their tokens under the model's tokenizer."""
     from tvlens.prompts import get_template, show_prompts, tokenize
 
+    from tvlens.errors import TvlensError
+    from tvlens.methods import DEFAULT_TEMPLATES, get_config
+
+    if args.template is None and args.method is None:
+        raise TvlensError("give --template NAME or --method NAME (its own format), e.g. "
+                          "--method icl-tv")
+    cfg = get_config(args.method)() if args.method else None
+    if args.template is None:
+        if args.method not in DEFAULT_TEMPLATES:
+            raise TvlensError(f"method {args.method!r} writes no text prompts; use one of "
+                              f"{', '.join(DEFAULT_TEMPLATES)}")
+        args.template = DEFAULT_TEMPLATES[args.method]
+    if args.shots is None:
+        args.shots = getattr(cfg, "shots", 5)
     task = load_task_arg(args)
     examples = show_prompts(task, args.template, shots=args.shots, n=args.n, split=args.split,
                             seed=args.seed, shuffle_labels=args.shuffled)
@@ -85,7 +104,8 @@ def cmd_prompt(args) -> int:
         rows.append({"prompt": p, "answer": template.format_answer(ex.y), "input_ids": ids,
                      "tokens": model.tokenizer.convert_ids_to_tokens(ids),
                      "answer_ids": list(batch.answer_ids[i])})
-    print_json({"task": task.name, "template": args.template, "template_demo": template.demo,
+    print_json({"task": task.name, "method": args.method, "template": args.template,
+                "template_demo": template.demo,
                 "shots": args.shots, "seed": args.seed, "shuffled": args.shuffled,
                 "split": args.split, "model": model.cfg.model_name, "prompts": rows})
     return 0

@@ -3,15 +3,17 @@
 =========  =======  =====  ========  ==========================================
 method     mode     K      template  source of the default
 =========  =======  =====  ========  ==========================================
-icl-tv     replace  5      arrow     Hendel et al. 2023 (K = 5, N = 32 here)
-vanilla    add      5      arrow     Yang et al. 2025's baseline
+icl-tv     replace  5      hendel    Hendel et al. 2023 (K = 5, N = 32 here)
+vanilla    add      5      hendel    Yang et al. 2025's baseline, on Hendel's prompts
 fv         add      10     qa        Todd et al. 2024 (``"Q: {x}\\nA: {y}\\n\\n"``)
 ltv        add      0      arrow     Yang et al. 2025 (zero-shot training)
 atv        add      0      qa        Kang et al. 2025 (``"Q: {x}\\nA:"`` queries)
 =========  =======  =====  ========  ==========================================
 
-The template column is what tvlens 0.1 used; ``TEMPLATES["hendel"]`` and ``["fv"]`` in
-:mod:`tvlens.prompts` are the papers' formats byte for byte. Only settings that change a
+``TEMPLATES["hendel"]`` and ``["fv"]`` (:mod:`tvlens.templates`) are the papers' formats
+byte for byte; tvlens 0.1 defaulted icl-tv and vanilla to ``"arrow"`` (``"{x} -> {y}\\n"``,
+no paper's format), on which Hendel's vectors fail on SmolLM2 (issue 13). LTV keeps
+``arrow``; ATV's own ``atv`` format is issue 13's. Only settings that change a
 result are config fields; batch sizes that only bound memory are arguments of the calls.
 """
 
@@ -24,8 +26,8 @@ from tvlens.methods.base import MethodConfig, register
 
 # the default prompt format of each method (see the module docstring)
 DEFAULT_TEMPLATES: dict[str, str] = {
-    "icl-tv": "arrow",
-    "vanilla": "arrow",
+    "icl-tv": "hendel",  # icl_task_vectors: core/data/datasets/few_shot_format.py
+    "vanilla": "hendel",  # the same prompts as icl-tv (Yang et al. 2025's baseline)
     "fv": "qa",
     "ltv": "arrow",
     "atv": "qa",

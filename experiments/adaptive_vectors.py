@@ -22,7 +22,10 @@ import torch
 
 IN_DOMAIN = ("antonym", "uppercase", "present_past", "singular_plural", "country_capital",
              "english_french")
-UNSEEN = ("capitalize", "english_spanish")
+# Unseen tasks must not share inputs with training (a query-only generator would see them):
+# capitalize's inputs are all uppercase's, english_spanish's 98% english_french's, so those
+# two (tvlens 0.1's choice) are refused by check_unseen. These have disjoint inputs.
+UNSEEN = ("next_letter", "first_item")
 
 
 def markdown(df) -> str:

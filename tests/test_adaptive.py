@@ -290,6 +290,11 @@ def test_bad_tasks_and_layers(tiny, task):
         train_generator(tiny, _gen(tiny, task), [], progress=False)
     with pytest.raises(TvlensError, match="also training tasks"):
         check_unseen(["antonym", "tiny"], [task])
+    from tvlens.tasks import Task
+    half = Task("half", task.pairs[:20] + tuple((f"new{i}", "red") for i in range(20)))
+    with pytest.raises(TvlensError, match="'half' is not unseen: 50% of its inputs"):
+        check_unseen([task], [half])
+    check_unseen([Task("a", task.pairs[:20])], [Task("b", task.pairs[20:])])  # disjoint: fine
     with pytest.raises(TvlensError, match="out of range"):
         _gen(tiny, task, layers=(5,))
     with pytest.raises(TvlensError, match="separate model"):
@@ -369,25 +374,30 @@ def test_compare_table_and_ltv_column(tiny, task):
     from tvlens.adaptive.analysis import compare, summary
     from tvlens.tasks import Task
 
-    other = Task("other", tuple((x, y) for x, y in task.pairs))
+    # in-domain and unseen tasks with disjoint inputs (the words of one task, split in two)
+    seen = Task("seen", task.pairs[::2], seed=task.seed)
+    other = Task("other", task.pairs[1::2], seed=task.seed)
     gen = _gen(tiny, task)
-    table = compare(tiny, gen, [task], [other], n=5, shots=2, ltv_steps=2)
+    table = compare(tiny, gen, [seen], [other], n=5, shots=2, ltv_steps=2)
     assert list(table.method) == ["zero-shot", "icl-2", "atv", "ltv"] * 2
     assert list(table.group) == ["in-domain"] * 4 + ["unseen"] * 4
     # each row is that method's evaluate result on the same queries (the LTV row needs a
     # training run of its own and is left to the LTV tests)
     kw = dict(n=5, template=gen.config.target_template)
-    runs = {"zero-shot": tvlens.evaluate(tiny, task, **kw),
-            "icl-2": tvlens.evaluate(tiny, task, shots=2, **kw),
-            "atv": tvlens.evaluate(tiny, task, vector=gen, **kw)}
+    runs = {(t.name, m): r for t in (seen, other) for m, r in (
+        ("zero-shot", tvlens.evaluate(tiny, t, **kw)),
+        ("icl-2", tvlens.evaluate(tiny, t, shots=2, **kw)),
+        ("atv", tvlens.evaluate(tiny, t, vector=gen, **kw)))}
     for _, row in table[table.method != "ltv"].iterrows():
-        r = runs[row.method]  # `other` has the same pairs: the same numbers
+        r = runs[(row.task, row.method)]
         assert (row.accuracy, row.ci_low, row.ci_high, row.n) == pytest.approx(
             (r.accuracy, r.ci_low, r.ci_high, r.n)), row.method
     assert table.n.tolist() == [5] * 8 and table.accuracy.between(0, 1).all()
     means = summary(table)
     assert means.shape == (2, 4)
-    assert means.loc["unseen", "icl-2"] == pytest.approx(runs["icl-2"].accuracy)
+    assert means.loc["unseen", "icl-2"] == pytest.approx(runs[("other", "icl-2")].accuracy)
+    with pytest.raises(TvlensError, match="not unseen: 100% of its inputs"):
+        compare(tiny, gen, [seen], [Task("relabelled", tuple((x, "red") for x, _ in seen.pairs))], n=5)
     with pytest.raises(TvlensError, match="also training tasks"):
         compare(tiny, gen, [task], [task], n=5)
     with pytest.raises(TvlensError, match="no tasks"):
@@ -425,6 +435,27 @@ def test_cli_train_then_evaluate(smol, tmp_path, capsys):
                  "--n", "4", "--json", "--device", "cpu"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["seen_in_training"] and res["n"] == 4
+    from tvlens.adaptive import AdaptiveGenerator
+    saved = AdaptiveGenerator.load(out, smol).config.history["train_inputs"]
+    assert saved == sorted({x for t in ("antonym", "uppercase")
+                            for x, _ in tvlens.load_task(t).train[:4]})  # what it trained on
+    for name in ("antonym", "uppercase"):
+        assert main(["adaptive", "evaluate", "--generator-dir", str(out), "--task", name,
+                     "--n", "4", "--json", "--device", "cpu"]) == 0
+        got = json.loads(capsys.readouterr().out)["input_overlap"]
+        inputs = [x for x, _ in tvlens.load_task(name).test[:4]]
+        assert got == sum(x in saved for x in inputs) / 4
+    # a user's task made of the training inputs (plus two new ones): the overlap shows
+    mixed = {x: x.upper() for x in saved} | {"zebra": "ZEBRA", "violin": "VIOLIN"}
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(mixed))
+    assert main(["adaptive", "evaluate", "--generator-dir", str(out), "--task", str(path),
+                 "--n", "4", "--icl-shots", "2", "--json", "--device", "cpu"]) == 0
+    got = json.loads(capsys.readouterr().out)["input_overlap"]
+    inputs = [x for x, _ in tvlens.load_task(str(path)).test[:4]]
+    assert got == sum(x in saved for x in inputs) / len(inputs) and got > 0
+    assert main(argv[:4] + ["--unseen", "capitalize", "--out", str(tmp_path / "g2")] + argv[6:]) == 2
+    assert "'capitalize' is not unseen: 100% of its inputs" in capsys.readouterr().err
     # the reported numbers, recomputed in-process from the saved generator
     from tvlens.adaptive import AdaptiveGenerator
 

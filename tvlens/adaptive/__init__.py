@@ -18,9 +18,9 @@ from tvlens.adaptive.generator import (
     expansion_parameter_count,
     make_generator,
 )
-from tvlens.adaptive.training import check_unseen, train_generator, training_pairs
+from tvlens.adaptive.training import check_unseen, input_overlap, train_generator, training_pairs
 
 __all__ = [
-    "AdaptiveConfig", "AdaptiveGenerator", "Expansion", "check_scale", "check_unseen",
+    "AdaptiveConfig", "AdaptiveGenerator", "Expansion", "check_scale", "check_unseen", "input_overlap",
     "expansion_parameter_count", "make_generator", "train_generator", "training_pairs",
 ]

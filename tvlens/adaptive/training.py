@@ -59,13 +59,31 @@ def training_pairs(tasks: Sequence[Task], n_per_task: int | None = None) -> list
     return out
 
 
+def input_overlap(inputs: Sequence[str], seen: set[str] | Sequence[str]) -> float:
+    """The fraction of ``inputs`` that occur in ``seen`` (NaN for no inputs)."""
+    seen = set(seen)
+    return sum(x in seen for x in inputs) / len(inputs) if len(inputs) else float("nan")
+
+
 def check_unseen(train_tasks: Sequence, unseen_tasks: Sequence) -> None:
-    """Refuse unseen tasks that were also trained on (names compared)."""
+    """Refuse "unseen" tasks that are not: the same task (names compared), or one whose
+    inputs occur in a training task (a generator reading only the query must then emit
+    the training task's vector; capitalize's inputs are all uppercase's, for instance)."""
     names = lambda ts: {t if isinstance(t, str) else t.name for t in ts}  # noqa: E731
     overlap = sorted(names(train_tasks) & names(unseen_tasks))
     if overlap:
         raise TvlensError(f"unseen tasks {overlap} are also training tasks; an unseen task must "
                           "be left out of training")
+    seen = {x for t in train_tasks if not isinstance(t, str) for x, _ in t.pairs}
+    for t in unseen_tasks:
+        if isinstance(t, str):
+            continue
+        frac = input_overlap([x for x, _ in t.pairs], seen)
+        if frac > 0:
+            raise TvlensError(
+                f"unseen task {t.name!r} is not unseen: {frac:.0%} of its inputs occur in the "
+                "training tasks, so a generator reading the query sees them in training; use a "
+                "task with disjoint inputs (e.g. next_letter, first_item, last_item)")
 
 
 @contextmanager
@@ -130,6 +148,7 @@ def train_generator(
     opt = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=lr,
                            weight_decay=cfg.weight_decay)
     history = {"loss": [], "steps": 0, "seconds": 0.0, "tasks": [t.name for t in tasks],
+               "train_inputs": sorted({x for _, x, _ in data}),
                "lr": lr, "weight_decay": cfg.weight_decay, "batch_size": batch_size, "seed": seed}
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
@@ -195,4 +214,4 @@ def _load_checkpoint(folder: Path, generator, opt) -> dict:
     return meta["history"]
 
 
-__all__ = ["check_unseen", "frozen", "train_generator", "training_pairs"]
+__all__ = ["check_unseen", "frozen", "input_overlap", "train_generator", "training_pairs"]

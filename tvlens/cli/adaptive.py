@@ -49,6 +49,8 @@ def register(subparsers) -> None:
     t.add_argument("--generator", default=DEFAULT_GENERATOR,
                    help=f"model reading the query: a model name, or 'minilm' (default: {DEFAULT_GENERATOR})")
     t.add_argument("--tasks", required=True, help="comma-separated built-in task names or JSON paths")
+    t.add_argument("--unseen", default=None,
+                   help="comma-separated tasks to hold out; refused if their inputs overlap training")
     t.add_argument("--out", required=True, help="the generator folder to write (and its checkpoints)")
     t.add_argument("--layers", default=None, help="comma-separated target layers (default: all)")
     add_config_flags(t, ATVConfig, skip=("target_template",), defaults_from=_base())
@@ -90,7 +92,11 @@ def _train(args) -> int:
     from tvlens.adaptive import check_scale, make_generator, train_generator
     from tvlens.methods import ATVConfig
 
+    from tvlens.adaptive import check_unseen
+
     tasks = _task_list(args.tasks)
+    unseen = _task_list(args.unseen) if args.unseen else []
+    check_unseen(tasks, unseen)
     cfg = method_config(ATVConfig, args, base=_base())
     check_scale(cfg.scale)
     layers = None if args.layers is None else int_list(args.layers, "layers")
@@ -99,6 +105,7 @@ def _train(args) -> int:
     gen = make_generator(model, args.generator, config=cfg, layers=layers)
     hist = train_generator(model, gen, tasks, config=cfg, checkpoint_dir=Path(out) / "checkpoints",
                            resume=args.resume, max_steps=args.max_steps, progress=not args.json)
+    hist["unseen"] = [t.name for t in unseen]
     gen.save(out, history=hist)
     result = {"out": str(out), "generator": args.generator, "tasks": hist["tasks"],
               "template": cfg.target_template, "steps": hist["steps"],
@@ -115,7 +122,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from tvlens.adaptive import AdaptiveGenerator
+    from tvlens.adaptive import AdaptiveGenerator, input_overlap
     from tvlens.evaluation import evaluate
     from tvlens.tasks import load_task
 
@@ -129,8 +136,10 @@ def _evaluate(args) -> int:
     atv = evaluate(model, task, vector=vector, template=args.template, **kw)
     zero = evaluate(model, task, template=atv.template, **kw)
     icl = evaluate(model, task, shots=args.icl_shots, template=atv.template, **kw)
+    seen = gen.config.history.get("train_inputs")  # None: saved before tvlens recorded it
+    overlap = None if seen is None else input_overlap(list(atv.records["input"]), seen)
     result = {"task": task.name, "template": atv.template, "seen_in_training": task.name in trained,
-              "n": atv.n,
+              "input_overlap": overlap, "n": atv.n,
               "accuracy": atv.accuracy, "ci_low": atv.ci_low, "ci_high": atv.ci_high,
               "zero_shot": zero.accuracy, "zero_shot_ci": [zero.ci_low, zero.ci_high],
               "icl": icl.accuracy, "icl_ci": [icl.ci_low, icl.ci_high], "icl_shots": args.icl_shots}

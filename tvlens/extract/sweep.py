@@ -16,8 +16,8 @@ table of per-method conventions); :data:`METHOD_DEFAULTS` is derived from them:
 =========  =========  =====  ========  =====================================
 method     mode       K      template  vector
 =========  =========  =====  ========  =====================================
-icl-tv     replace    5      arrow     mean ICL residual (Hendel)
-vanilla    add        5      arrow     mean ICL − mean zero-shot residual
+icl-tv     replace    5      hendel    mean ICL residual (Hendel)
+vanilla    add        5      hendel    mean ICL − mean zero-shot residual
 fv         add        10     qa        Σ top-k heads z̄ @ W_O (Todd)
 =========  =========  =====  ========  =====================================
 """
@@ -73,15 +73,13 @@ def vectors_by_layer(model, task: Task, method: str, layers: Sequence[int], *,
     layers = [check_layer(model, layer) for layer in layers]
     if not layers:
         raise TvlensError("no layers to sweep; give at least one layer")
-    # TODO(issue 12): slice with TaskVector.select(layers=...) once it lands
     if method == "fv":
         fv = function_vector(model, task, k, layer=layers[0], shots=shots, n_prompts=n_prompts,
                              n_ie_prompts=n_ie_prompts, template=template, seed=seed)
         return {layer: replace(fv, layers=(layer,)) for layer in layers}
     make = icl_task_vector if method == "icl-tv" else vanilla_task_vector
     tv = make(model, task, layers, shots=shots, n_prompts=n_prompts, template=template, seed=seed)
-    return {layer: replace(tv, vectors=tv.vectors[i : i + 1], layers=(layer,))
-            for i, layer in enumerate(layers)}
+    return {layer: tv.select(layers=[layer]) for layer in layers}
 
 
 def check_first_token_scorable(model, task: Task, template, split: str = "test") -> None:

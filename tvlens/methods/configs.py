@@ -52,14 +52,11 @@ class ICLTVConfig(MethodConfig):
 
 @register
 @dataclass(frozen=True)
-class VanillaConfig(MethodConfig):
-    """The vanilla difference vector: mean K-shot residual minus mean zero-shot residual."""
+class VanillaConfig(ICLTVConfig):
+    """The vanilla difference vector: mean K-shot residual minus mean zero-shot residual,
+    over the same prompts as :class:`ICLTVConfig` (so the same settings)."""
 
     method: ClassVar[str] = "vanilla"
-    shots: int = _f(5, "demonstrations per prompt")
-    n_prompts: int = _f(32, "prompts averaged (dummy queries from the train split)")
-    template: str = _f(DEFAULT_TEMPLATES["vanilla"], "prompt format: a TEMPLATES name or a demo string")
-    seed: int = _f(0, "prompt sampling seed")
 
 
 @register

@@ -71,9 +71,8 @@ def main() -> None:
             lo, hi = ov["vector_ci"]
             print(f"{name:16s} {kind:6s} zero-shot {ov['zero_shot']:.2f} vector {ov['vector_accuracy']:.2f} "
                   f"[{lo:.2f}, {hi:.2f}] "
-                  f"| OV weighted {ov['ov_weighted_accuracy']:.2f} ({ov['ov_weighted_recovery']:.2f}) "
-                  f"packaged {ov['ov_packaged_accuracy']:.2f} ({ov['ov_packaged_recovery']:.2f}) "
-                  f"MLP {ov['mlp_accuracy']:.2f} ({ov['mlp_recovery']:.2f})", flush=True)
+                  "| " + " ".join(f"{k} {c['accuracy']:.2f} ({c['recovery']:.2f})"  # issue 14 keys
+                                  for k, c in ov["conditions"].items()), flush=True)
             for mode, r in kh["ablation"].items():
                 print(f"{'':16s} {kind:6s} {mode} ablation: none {r['baseline_accuracy']:.2f} "
                       f"key {r['ablated_accuracy']:.2f} random {r['random_accuracy']:.2f} "

@@ -29,11 +29,12 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tasks", default=DEFAULT_TASKS)
     p.add_argument("--methods", default="icl-tv,fv", help="comma-separated: icl-tv, vanilla, fv")
-    p.add_argument("--templates", default="qa,arrow", help="comma-separated prompt templates")
+    p.add_argument("--templates", default="hendel,fv,arrow", help="comma-separated prompt templates")
     p.add_argument("--layers", default="9,12,15,18,21,24", help="dev-sweep layers")
     p.add_argument("--n-dev", type=int, default=16)
     p.add_argument("--n-test", type=int, default=48)
-    p.add_argument("--n-prompts", type=int, default=32)
+    p.add_argument("--n-prompts", type=int, default=None,
+                   help="prompts averaged (default: each method's own: ICL-TV 32, FV 100)")
     p.add_argument("--fv-shots", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -69,8 +70,9 @@ def _extract_on(model, task, method, layers, shots, template, args):
     from tvlens.extract import layer_sweep
     from tvlens.extract.sweep import Extraction
 
-    kw = dict(shots=shots, template=template, n_prompts=args.n_prompts, k=10, n_ie_prompts=16,
-              seed=0)
+    kw = dict(shots=shots, template=template, seed=0)
+    if args.n_prompts is not None:
+        kw["n_prompts"] = args.n_prompts
     dev = layer_sweep(model, task, method, layers, split="dev", n=args.n_dev, **kw)
     best = dev.best_layer
     test = layer_sweep(model, task, method, [best], split="test", n=args.n_test,

@@ -17,6 +17,8 @@ from tvlens.attribution import (
     key_head_analysis, ov_decomposition, parse_heads, polar, reinjection_test, rotation_scaling,
     top_heads,
 )
+from tvlens.attribution import (PLACEMENTS, FrozenAttention, Reinjection, norm_weight,  # issue 14
+                                path_terms)
 from tvlens.heads import all_heads
 from tvlens.interventions import HeadPatch
 from tvlens.prompts import PromptSet, make_examples, tokenize
@@ -60,7 +62,7 @@ def _decomposition_sums_back(model, batch, vec, atol):
         blk = model.blocks[j].attn
         K = blk.W_V.shape[0]
         # value at p from the residual with the injected value c removed, at the frozen scale
-        x_rest = (resid[rows, p] - c) / s[rows, p] * model.blocks[j].ln1.weight
+        x_rest = (resid[rows, p] - c) / s[rows, p] * norm_weight(model, model.blocks[j].ln1)
         b_V = blk.b_V if getattr(blk, "b_V", None) is not None else torch.zeros(K, blk.W_V.shape[-1])
         v_rest_p = torch.einsum("bm,kmd->bkd", x_rest, blk.W_V) + b_V
         v_h = v.repeat_interleave(H // K, dim=2)  # [B, T, H, dh]
@@ -237,7 +239,10 @@ def test_key_head_analysis_and_ablate_heads(tiny, task):
     import random
 
     red, vec = _red_task_and_vector(tiny, task, 2.5)
-    out = key_head_analysis(tiny, red, vec, percent=25, n=8, random_control=4).to_dict()
+    # every head ranked, random sets from every other head (issue 14's defaults rank after
+    # the injection layer and match layers: tests/test_key_heads.py)
+    out = key_head_analysis(tiny, red, vec, percent=25, n=8, random_control=4, rank="all",
+                            random_from="all").to_dict()
     keys = [tuple(h) for h in out["key_heads"]]
     assert len(set(keys)) == 3  # 25% of 12 heads
     sal = torch.tensor(out["saliency"])
@@ -282,8 +287,8 @@ def test_reinjection_vector_accuracy_matches_evaluate(tiny, task):
     red, vec = _red_task_and_vector(tiny, task, 3.0)
     out = reinjection_test(tiny, red, vec, n=6, batch_size=6).to_dict()
     assert out["zero_shot"] == 0 and out["vector_accuracy"] == 1 and out["n"] == 6
-    # the MLP path recomputed here: mlp_out with θ minus without, at the query, per prompt,
-    # added (without θ) after each later block and scored by evaluate
+    # the total MLP change recomputed here: mlp_out with θ minus without, at the query, per
+    # prompt, added (without θ) after each later block and scored by evaluate
     batch = prompt_batch(tiny, red, n=6)
     names = [f"blocks.{j}.hook_mlp_out" for j in (1, 2)]
     with torch.no_grad():
@@ -293,12 +298,17 @@ def test_reinjection_vector_accuracy_matches_evaluate(tiny, task):
     assert terms.abs().max() > 1e-2  # θ does change the MLPs
     mlp_tv = TaskVector(terms[:, :, None], (1, 2), ("last",), vec.model)
     mlp_acc = tvlens.evaluate(tiny, red, vector=mlp_tv, n=6).accuracy
-    assert out["mlp_accuracy"] == pytest.approx(mlp_acc)
-    for key in ("ov_weighted", "ov_packaged", "mlp"):
-        acc = out[f"{key}_accuracy"]
+    assert out["conditions"]["mlp_total@after_block"]["accuracy"] == pytest.approx(mlp_acc)
+    # the total MLP change summed after the last block: the same terms as one vector
+    final_tv = TaskVector(terms.sum(1)[:, None, None], (2,), ("last",), vec.model)
+    assert out["conditions"]["mlp_total@final"]["accuracy"] == pytest.approx(
+        tvlens.evaluate(tiny, red, vector=final_tv, n=6).accuracy)
+    assert len(out["conditions"]) == 4 * len(PLACEMENTS) + 2  # every kind × placement, 2 controls
+    for key, cond in out["conditions"].items():
+        acc = cond["accuracy"]
         assert isinstance(acc, float) and float(6 * acc).is_integer() and 0 <= acc <= 1
         # gain 1 and zero-shot 0: the recovered fraction is the re-injected accuracy
-        assert out[f"{key}_recovery"] == pytest.approx(acc)
+        assert cond["recovery"] == pytest.approx(acc)
 
 
 def test_polar_decomposition():
@@ -420,8 +430,8 @@ def test_recovery_is_undefined_without_a_gain(tiny, task):
     zero = TaskVector.single(tiny, torch.zeros(tiny.cfg.d_model), 0)
     out = reinjection_test(tiny, task, zero, n=6, batch_size=4).to_dict()
     assert out["vector_accuracy"] == out["zero_shot"]
-    for key in ("ov_weighted_recovery", "ov_packaged_recovery", "mlp_recovery"):
-        assert math.isnan(out[key])
+    for cond in out["conditions"].values():
+        assert math.isnan(cond["recovery"])
 
 
 def test_attribution_results_have_frames(tiny, task):
@@ -435,3 +445,259 @@ def test_attribution_results_have_frames(tiny, task):
     abl = res.ablation["zero"].to_frame().set_index("condition")
     assert abl.loc["ablated", "accuracy"] == d["ablate_key_accuracy"]
     assert list(abl.loc["baseline", ["ci_low", "ci_high"]]) == d["baseline_ci"]
+
+
+# ----- issue 14: like-for-like path terms, every placement, controls (ov.py) --------------
+def _last_logits(model, batch, iv, batch_size=None):
+    return tvlens.runner.run(model, batch, iv, logits="last", batch_size=batch_size,
+                             progress=False).last_logits
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_direct_mlp_term_is_the_mlp_change_with_everything_else_frozen(tiny, task, mode):
+    """θ at layer 0 reaches MLP l' directly only through the residual: with the attention
+    outputs of blocks 1..l' and the MLP outputs of blocks 1..l'−1 frozen at their clean values,
+    MLP l''s input is x⁰ + δ, so its output change is exactly the direct MLP term."""
+    batch = _batch(tiny, task)
+    vec = _vec(tiny, 0, mode=mode, scale=1.5)
+    terms = path_terms(tiny, batch, vec)
+    rows, q = torch.arange(len(batch)), batch.position_index("last")
+    for i, j in enumerate(terms.later_layers):
+        frozen = [f"blocks.{k}.hook_attn_out" for k in range(1, j + 1)] + \
+                 [f"blocks.{k}.hook_mlp_out" for k in range(1, j)]
+        name = f"blocks.{j}.hook_mlp_out"
+        with torch.no_grad():
+            clean = capture(tiny, batch, [name])[name][rows, q]
+            fz = Freeze.record(tiny, batch, frozen)  # clean values
+            on = capture(tiny, batch, [name], (vec + fz).hooks(tiny, batch))[name][rows, q]
+        # float32, outputs of norm ~1: 1e-5 absolute is reduction-order noise
+        torch.testing.assert_close(terms.mlp_direct[:, i], on - clean, atol=1e-5, rtol=1e-5)
+        assert terms.mlp_direct[:, i].abs().max() > 1e-2  # not trivially zero
+    # the total change is a different quantity once earlier later-layers pass θ on
+    assert (terms.mlp_total[:, 1] - terms.mlp_direct[:, 1]).abs().max() > 1e-3
+    if mode == "add":  # δ is the injected value itself when added at the query
+        torch.testing.assert_close(terms.delta, (vec.vectors[0, 0] * vec.scale).expand(len(batch), -1))
+
+
+def test_direct_mlp_term_is_zero_when_the_vector_is_not_at_the_query(tiny, task):
+    batch = _batch(tiny, task)
+    terms = path_terms(tiny, batch, _vec(tiny, 0, -2))
+    assert torch.equal(terms.delta, torch.zeros_like(terms.delta))  # q's residual: same bits
+    assert torch.equal(terms.mlp_direct, torch.zeros_like(terms.mlp_direct))
+    assert terms.mlp_total.abs().max() > 1e-3  # θ still reaches the query's MLPs via heads
+
+
+def test_terms_reinjected_where_they_entered_reproduce_the_vector_run(tiny, task):
+    """θ at layer 1 (one later block, 2): with block 2's ln1 scale and pattern frozen at the θ
+    run's and its MLP output at the clean run's, the weighted OV terms added at hook_attn_out,
+    the total MLP change at hook_mlp_out and θ's own direct path after the last block rebuild
+    the θ run's final residual at the query, hence its logits."""
+    batch = _batch(tiny, task)
+    vec = _vec(tiny, 1)
+    terms = path_terms(tiny, batch, vec)
+    theta_frozen = Freeze.record(tiny, batch, ["blocks.2.ln1.hook_scale", "blocks.2.attn.hook_pattern"], vec)
+    clean_mlp = Freeze.record(tiny, batch, ["blocks.2.hook_mlp_out"])
+    direct = TaskVector.single(tiny, vec.vectors[0, 0] * vec.scale, 2)  # θ's residual path
+    rebuilt = [theta_frozen, clean_mlp, Reinjection(terms, "ov_weighted", "entry"),
+               Reinjection(terms, "mlp_total", "entry"), direct]
+    want = _last_logits(tiny, batch, vec)
+    # float32 logits of size ~10 after two norms: 1e-4 absolute
+    torch.testing.assert_close(_last_logits(tiny, batch, rebuilt), want, atol=1e-4, rtol=1e-5)
+    without_ov = _last_logits(tiny, batch, [p for p in rebuilt if getattr(p, "kind", "") != "ov_weighted"])
+    assert (without_ov - want).abs().max() > 1e-3  # the OV term is needed for the identity
+
+
+@pytest.mark.parametrize("position", ["last", -2])
+def test_every_placement_adds_its_terms_where_it_says(tiny, task, position):
+    """Each placement against hooks written here (the terms added at the named hook points and
+    rows' positions), and chunked (for_rows) against whole."""
+    batch = _batch(tiny, task)
+    vec = _vec(tiny, 0, position)
+    terms = path_terms(tiny, batch, vec)
+    rows, q = torch.arange(len(batch)), batch.position_index("last")
+    p = batch.position_index(position)
+
+    def adder(name, vals, cols):
+        def fn(act, hook=None):
+            act = act.clone()
+            act[rows, cols] += vals.to(act.dtype)
+            return act
+        return (name, fn)
+
+    for kind in ("ov_weighted", "ov_packaged", "mlp_direct", "mlp_total"):
+        t = terms.summed(kind)  # [B, 2, d]
+        site = "hook_attn_out" if kind.startswith("ov") else "hook_mlp_out"
+        expect = {"entry": [adder(f"blocks.{j}.{site}", t[:, i], q) for i, j in enumerate((1, 2))],
+                  "after_block": [adder(f"blocks.{j}.hook_resid_post", t[:, i], q) for i, j in enumerate((1, 2))],
+                  "final": [adder("blocks.2.hook_resid_post", t.sum(1), q)],
+                  "own": [adder("blocks.0.hook_resid_post", t.sum(1), p)]}
+        assert set(expect) == set(PLACEMENTS)
+        for placement, hooks in expect.items():
+            iv = Reinjection(terms, kind, placement)
+            got = _last_logits(tiny, batch, iv)
+            torch.testing.assert_close(got, _last_logits(tiny, batch, hooks), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(_last_logits(tiny, batch, iv, batch_size=3), got,
+                                       atol=1e-5, rtol=1e-5)
+            if kind != "mlp_direct" or position == "last":  # (zero when θ is not at q)
+                assert (got - _last_logits(tiny, batch, None)).abs().max() > 1e-4  # it acts
+
+
+def test_packaged_forms_and_weighted_terms_agree(tiny, task):
+    """weighted[b, h] = A[b, h] · (mean s / s[b]) · unweighted[h]; mean_attention[h] =
+    mean_b A[b, h] · unweighted[h]; unweighted[h] recomputed from W_V, W_O by hand."""
+    batch = _batch(tiny, task)
+    vec = _vec(tiny, 0, -2)
+    un = ov_decomposition(tiny, batch, vec)
+    ma = ov_decomposition(tiny, batch, vec, packaged="mean_attention")
+    rows, p = torch.arange(len(batch)), batch.position_index(-2)
+    with torch.no_grad():
+        st = capture(tiny, batch, [f"blocks.{j}.ln1.hook_scale" for j in (1, 2)], vec.hooks(tiny, batch))
+    c = vec.vectors[0, 0] * vec.scale
+    for i, j in enumerate((1, 2)):
+        s = st[f"blocks.{j}.ln1.hook_scale"][rows, p, 0]
+        ratio = (s.mean() / s)[:, None, None]
+        torch.testing.assert_close(un.weighted[:, i], un.attention[:, i, :, None] * ratio * un.packaged[i][None],
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ma.packaged[i], un.attention[:, i].mean(0)[:, None] * un.packaged[i],
+                                   atol=1e-6, rtol=1e-5)
+        attn = tiny.blocks[j].attn
+        h, kv = 3, 3 // (attn.W_O.shape[0] // attn.W_V.shape[0])  # GQA: head 3 reads KV head 1
+        by_hand = (c * norm_weight(tiny, tiny.blocks[j].ln1) / s.mean()) @ attn.W_V[kv] @ attn.W_O[h]
+        torch.testing.assert_close(un.packaged[i, h], by_hand, atol=1e-5, rtol=1e-5)
+    assert (un.packaged - ma.packaged).abs().max() > 1e-3
+
+
+def _tiny_hf_gemma(task, gemma3: bool = False):
+    """A random 3-layer GQA Hugging Face Gemma (v1; or Gemma-3 with ``gemma3``) under a
+    TransformerBridge: RMSNorm that multiplies by 1 + w (``cfg.rmsnorm_uses_offset``); v1
+    has no post-block norms, Gemma-3 has ``ln1_post`` / ``ln2_post``. Norm weights drawn
+    N(0, 0.5²) so that w and 1 + w differ everywhere."""
+    import warnings
+
+    import transformers
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    from tvlens.models import prepare_bridge
+    from tvlens.models.word_tokenizer import word_tokenizer
+
+    tok = word_tokenizer([f"{x} -> {y}\nQ: {x}\nA: {y}\n\n" for x, y in task.pairs])
+    arch = "Gemma3ForCausalLM" if gemma3 else "GemmaForCausalLM"
+    Config = transformers.Gemma3TextConfig if gemma3 else transformers.GemmaConfig
+    cfg = Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                 max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    hf = getattr(transformers, arch)(cfg).eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_bridge(build_bridge_from_module(hf, arch, hf_config=cfg, tokenizer=tok,
+                                                       model_name=f"tiny-{arch}"))
+
+
+def test_ov_and_mlp_terms_fold_the_rmsnorm_offset(task):
+    """A norm that multiplies by 1 + w (Gemma; cfg.rmsnorm_uses_offset): the OV terms sum back
+    to the attention output, the frozen-pattern term is the head's output change, and the
+    direct MLP term is the MLP change with everything else frozen (the raw w would fail)."""
+    gemma = _tiny_hf_gemma(task)
+    ln1 = gemma.blocks[1].ln1
+    assert gemma.cfg.rmsnorm_uses_offset and torch.equal(norm_weight(gemma, ln1), 1 + ln1.weight.detach())
+    batch = _batch(gemma, task)
+    vec = _vec(gemma, 0, -2)
+    _decomposition_sums_back(gemma, batch, vec, 1e-4)
+    dec = ov_decomposition(gemma, batch, vec)
+    names = ["blocks.1.attn.hook_pattern", "blocks.1.ln1.hook_scale", "blocks.1.attn.hook_z"]
+    with torch.no_grad():
+        on = capture(gemma, batch, names, vec.hooks(gemma, batch))
+        off = capture(gemma, batch, names[2:], Freeze.record(gemma, batch, names[:2], vec))
+    rows, q = torch.arange(len(batch)), batch.position_index("last")
+    diff = torch.einsum("bhd,hdm->bhm", (on[names[2]] - off[names[2]])[rows, q], gemma.blocks[1].attn.W_O)
+    torch.testing.assert_close(diff, dec.weighted[:, 0], atol=1e-5, rtol=1e-5)
+    # the same term with the raw w (what a hand-written x · w / rms would fold) is far off
+    c, attn = vec.vectors[0, 0] * vec.scale, gemma.blocks[1].attn
+    s1 = on["blocks.1.ln1.hook_scale"][rows, batch.position_index(-2), 0]
+    raw = torch.einsum("b,bm,hme,hen->bhn", torch.ones(len(batch)), c * ln1.weight.detach() / s1[:, None],
+                       attn.W_V.repeat_interleave(2, 0), attn.W_O) * dec.attention[:, 0, :, None]
+    assert (raw - diff).abs().max() > 100 * 1e-5
+    # the direct MLP term through Gemma's offset ln2, against the frozen forward
+    vec = _vec(gemma, 0)
+    terms = path_terms(gemma, batch, vec)
+    with torch.no_grad():
+        name = "blocks.1.hook_mlp_out"
+        clean = capture(gemma, batch, [name])[name][rows, q]
+        fz = Freeze.record(gemma, batch, ["blocks.1.hook_attn_out"])
+        on = capture(gemma, batch, [name], (vec + fz).hooks(gemma, batch))[name][rows, q]
+    torch.testing.assert_close(terms.mlp_direct[:, 0], on - clean, atol=1e-5, rtol=1e-5)
+
+
+def test_controls_subtract_the_ov_terms_and_freeze_the_patterns(tiny, task):
+    batch = _batch(tiny, task)
+    vec = _vec(tiny, 1)
+    terms = path_terms(tiny, batch, vec)
+    rows, q = torch.arange(len(batch)), batch.position_index("last")
+    name = "blocks.2.hook_attn_out"
+    with torch.no_grad():
+        on = capture(tiny, batch, [name], vec.hooks(tiny, batch))[name][rows, q]
+        minus = vec + Reinjection(terms, "ov_weighted", "entry", sign=-1.0)
+        off = capture(tiny, batch, [name], minus.hooks(tiny, batch))[name][rows, q]
+    # block 2 is the only later block: the subtraction leaves exactly the rest of its output
+    torch.testing.assert_close(on - off, terms.ov.weighted[:, 0].sum(1), atol=1e-5, rtol=1e-5)
+    # frozen attention, chunked, against the clean patterns frozen over the whole batch
+    vec0 = _vec(tiny, 0)
+    terms0 = path_terms(tiny, batch, vec0)
+    whole = Freeze.record(tiny, batch, ["blocks.1.attn.hook_pattern", "blocks.2.attn.hook_pattern"])
+    want = _last_logits(tiny, batch, vec0 + whole)
+    got = _last_logits(tiny, batch, vec0 + FrozenAttention(terms0), batch_size=3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (want - _last_logits(tiny, batch, vec0)).abs().max() > 1e-4
+
+
+def test_bad_reinjection_input(tiny, task):
+    batch = _batch(tiny, task)
+    vec = _vec(tiny, 0)
+    terms = path_terms(tiny, batch, vec)
+    with pytest.raises(TvlensError, match="unknown placement 'resid'.*entry, final, own, after_block"):
+        Reinjection(terms, "ov_weighted", "resid")
+    with pytest.raises(TvlensError, match="unknown placement"):
+        reinjection_test(tiny, task, vec, n=2, placements=["final", "everywhere"])
+    with pytest.raises(TvlensError, match="unknown term kind 'mlp'"):
+        Reinjection(terms, "mlp")
+    with pytest.raises(TvlensError, match="unknown packaged form"):
+        path_terms(tiny, batch, vec, packaged="paper")
+    with pytest.raises(TvlensError, match="other prompts"):
+        _last_logits(tiny, _batch(tiny, task, n=4, shots=1), Reinjection(terms, "mlp_direct"))
+    gemma3 = _tiny_hf_gemma(task, gemma3=True)  # post-attention / post-MLP norms: refused
+    with pytest.raises(TvlensError, match="post-sublayer norms.*ln1_post"):
+        path_terms(gemma3, _batch(gemma3, task), _vec(gemma3, 0))
+
+
+@pytest.mark.slow
+def test_smol_direct_mlp_term_and_reinjection_identity(smol):
+    """On SmolLM2 (GQA, 30 layers), a vector at layer 28: the direct MLP term of block 29 is
+    its MLP change with its attention frozen clean, and the terms re-injected where they
+    entered (block 29's scale and pattern frozen at the θ run's, its MLP at the clean run's)
+    plus θ after the last block rebuild the θ run's logits."""
+    task = tvlens.load_task("antonym")
+    batch = prompt_batch(smol, task, n=3, template="qa")
+    g = torch.Generator().manual_seed(0)
+    vec = TaskVector.single(smol, torch.randn(smol.cfg.d_model, generator=g) * 4, 28)
+    terms = path_terms(smol, batch, vec)
+    rows, q = torch.arange(len(batch)), batch.position_index("last")
+    name = "blocks.29.hook_mlp_out"
+    with torch.no_grad():
+        clean = capture(smol, batch, [name])[name][rows, q]
+        fz = Freeze.record(smol, batch, ["blocks.29.hook_attn_out"])
+        on = capture(smol, batch, [name], (vec + fz).hooks(smol, batch))[name][rows, q]
+    # float32: SmolLM2's residual has entries of ~10², so x⁰ + δ added in another order than the
+    # forward's (h + c) + attn differs by ~1e-5 per entry; through ln2 and the MLP: 1e-3
+    torch.testing.assert_close(terms.mlp_direct[:, 0], on - clean, atol=1e-3, rtol=1e-3)
+    rebuilt = [Freeze.record(smol, batch, ["blocks.29.ln1.hook_scale", "blocks.29.attn.hook_pattern"], vec),
+               Freeze.record(smol, batch, [name]), Reinjection(terms, "ov_weighted", "entry"),
+               Reinjection(terms, "mlp_total", "entry"),
+               TaskVector.single(smol, vec.vectors[0, 0], 29)]
+    # logits of size ~20 after the final norm: 1e-3 absolute in float32
+    torch.testing.assert_close(_last_logits(smol, batch, rebuilt), _last_logits(smol, batch, vec),
+                               atol=1e-3, rtol=1e-4)

@@ -16,6 +16,7 @@ from tvlens.extract import (
     indirect_effects_loop,
     layer_sweep,
     mean_head_outputs,
+    query_pool,
     shuffled_prompts,
     vanilla_task_vector,
 )
@@ -78,7 +79,7 @@ def test_vanilla_is_icl_minus_zero_shot_mean(tiny, ragged):
 
 
 def test_mean_head_outputs_oracle(tiny, ragged):
-    mz = mean_head_outputs(tiny, ragged, shots=2, n_prompts=5, template="qa", batch_size=2, seed=3)
+    mz = mean_head_outputs(tiny, ragged, pool=ragged.train, shots=2, n_prompts=5, template="qa", batch_size=2, seed=3)
     examples = make_examples(sample_queries(ragged, 5, seed=3, shots=2), ragged.train, shots=2, seed=3)
     for layer in range(3):
         oracle = _one_by_one(tiny, examples, get_template("qa"), f"blocks.{layer}.attn.hook_z").mean(0)
@@ -86,7 +87,7 @@ def test_mean_head_outputs_oracle(tiny, ragged):
 
 
 def test_shuffled_prompts_keep_inputs_and_permute_outputs(tiny, task):
-    shuf = shuffled_prompts(tiny, task, shots=5, n_prompts=6, seed=7).examples
+    shuf = shuffled_prompts(tiny, task, pool=task.train, shots=5, n_prompts=6, seed=7).examples
     clean = make_examples(sample_queries(task, 6, seed=7, shots=5), task.train, shots=5, seed=7)
     assert len(shuf) == len(clean) == 6
     for s, c in zip(shuf, clean):
@@ -97,8 +98,8 @@ def test_shuffled_prompts_keep_inputs_and_permute_outputs(tiny, task):
 
 
 def test_batched_indirect_effects_equal_per_head_loop(tiny, ragged):
-    mz = mean_head_outputs(tiny, ragged, shots=3, n_prompts=4, batch_size=4)
-    batch = shuffled_prompts(tiny, ragged, shots=3, n_prompts=3, seed=1)
+    mz = mean_head_outputs(tiny, ragged, pool=ragged.train, shots=3, n_prompts=4, batch_size=4)
+    batch = shuffled_prompts(tiny, ragged, pool=ragged.train, shots=3, n_prompts=3, seed=1)
     assert batch.attention_mask.sum(1).unique().numel() > 1  # left padding exercised
     slow = indirect_effects_loop(tiny, ragged, mz, batch=batch)
     assert slow.abs().max() > 1e-4  # patching does something, so equality means something
@@ -109,9 +110,9 @@ def test_batched_indirect_effects_equal_per_head_loop(tiny, ragged):
 
 
 def test_indirect_effects_head_subset_and_no_cache_model(tiny, task):
-    mz = mean_head_outputs(tiny, task, shots=3, n_prompts=4)
+    mz = mean_head_outputs(tiny, task, pool=task.train, shots=3, n_prompts=4)
     heads = [(2, 1), (0, 3)]
-    batch = shuffled_prompts(tiny, task, shots=3, n_prompts=2)
+    batch = shuffled_prompts(tiny, task, pool=task.train, shots=3, n_prompts=2)
     aie = indirect_effects(tiny, task, mz, batch=batch, heads=heads)
     assert torch.isnan(aie).sum() == 12 - 2
     torch.testing.assert_close(aie[2, 1], indirect_effects_loop(tiny, task, mz, batch=batch)[2, 1])
@@ -130,8 +131,8 @@ def test_native_model_keeps_no_kv_cache_so_auto_runs_full_forwards(tiny, ragged)
 
     from tvlens import kv_cache
 
-    mz = mean_head_outputs(tiny, ragged, shots=3, n_prompts=4, batch_size=4)
-    batch = shuffled_prompts(tiny, ragged, shots=3, n_prompts=3, seed=1)
+    mz = mean_head_outputs(tiny, ragged, pool=ragged.train, shots=3, n_prompts=4, batch_size=4)
+    batch = shuffled_prompts(tiny, ragged, pool=ragged.train, shots=3, n_prompts=3, seed=1)
     cache, form, why = kv_cache.prefix_cache(tiny, batch.input_ids, batch.attention_mask)
     assert cache is None and form is None and "keeps no Hugging Face KV cache" in why
     with warnings.catch_warnings(record=True) as record:
@@ -161,8 +162,8 @@ def test_kv_cached_indirect_effects_equal_loop_on_a_tiny_hf_llama(tiny_llama, ra
 
     from tvlens import kv_cache
 
-    mz = mean_head_outputs(tiny_llama, ragged, shots=3, n_prompts=4, batch_size=4)
-    batch = shuffled_prompts(tiny_llama, ragged, shots=3, n_prompts=3, seed=1)
+    mz = mean_head_outputs(tiny_llama, ragged, pool=ragged.train, shots=3, n_prompts=4, batch_size=4)
+    batch = shuffled_prompts(tiny_llama, ragged, pool=ragged.train, shots=3, n_prompts=3, seed=1)
     assert batch.attention_mask.sum(1).unique().numel() > 1  # left padding exercised
     cache, form, why = kv_cache.prefix_cache(tiny_llama, batch.input_ids, batch.attention_mask)
     assert cache is not None, why  # this transformers / TransformerLens pairing has a route
@@ -190,8 +191,8 @@ def test_a_kv_cache_without_the_prefix_is_refused_on_a_tiny_hf_llama(tiny_llama,
 
     from tvlens import kv_cache
 
-    mz = mean_head_outputs(tiny_llama, ragged, shots=3, n_prompts=4, batch_size=4)
-    batch = shuffled_prompts(tiny_llama, ragged, shots=3, n_prompts=3, seed=1)
+    mz = mean_head_outputs(tiny_llama, ragged, pool=ragged.train, shots=3, n_prompts=4, batch_size=4)
+    batch = shuffled_prompts(tiny_llama, ragged, pool=ragged.train, shots=3, n_prompts=3, seed=1)
     slow = indirect_effects_loop(tiny_llama, ragged, mz, batch=batch)
     n_prefix = batch.input_ids.shape[1] - 1
     with monkeypatch.context() as m:  # 1. attention computes K/V but the cache keeps none
@@ -236,47 +237,64 @@ def _W_O(model, layer: int, h: int) -> Tensor:
 
 def test_function_vector_is_sum_of_top_heads_through_W_O(tiny, task):
     b_O = _set_b_O(tiny)
-    fv = function_vector(tiny, task, k=3, layer=1, shots=3, n_prompts=5, n_ie_prompts=3)
-    mz = mean_head_outputs(tiny, task, shots=3, n_prompts=5, template="qa")
+    fv = function_vector(tiny, task, k=3, layer=1, shots=3, n_prompts=5, n_ie_prompts=3,
+                         query_split="train", icl_filter=False)
+    mz = mean_head_outputs(tiny, task, pool=task.train, shots=3, n_prompts=5, template="qa")
     aie = torch.tensor(fv.history["indirect_effects"])
     heads = fv.history["heads"]
     order = sorted(((l, h) for l in range(3) for h in range(4)), key=lambda lh: -aie[lh].item())
     assert heads == [list(lh) for lh in order[:3]]
-    oracle = sum(mz[l, h] @ tiny.blocks[l].attn.W_O[h].detach() for l, h in heads)
-    for layer in {l for l, _ in heads}:
-        if tiny.blocks[layer].attn.b_O is not None:
-            oracle = oracle + tiny.blocks[layer].attn.b_O.detach()
+    oracle = sum(mz[l, h] @ tiny.blocks[l].attn.W_O[h].detach() + tiny.blocks[l].attn.b_O.detach()
+                 for l, h in heads)  # the default bias rule: once per head (Todd's)
     torch.testing.assert_close(fv.vectors[0, 0], oracle, atol=1e-5, rtol=1e-5)
-    independent = (sum(mz[l, h] @ _W_O(tiny, l, h) for l, h in heads)
-                   + sum(b_O[l] for l in {l for l, _ in heads}))
+    independent = sum(mz[l, h] @ _W_O(tiny, l, h) + b_O[l] for l, h in heads)
     torch.testing.assert_close(fv.vectors[0, 0], independent, atol=1e-5, rtol=1e-5)
     assert fv.mode == "add" and fv.layers == (1,) and fv.method == "fv"
 
 
-def test_fv_adds_b_O_once_per_distinct_layer(tiny, task):
+def _todd_head_term(model, layer: int, h: int, z: Tensor) -> Tensor:
+    """Todd's ``compute_function_vector`` rule for one head, literally: the layer's output
+    projection applied to a ``[n_heads·d_head]`` input that is zero but for head ``h``'s
+    slice, which is z̄[l, h] (so the projection's bias comes with every head)."""
+    d = int(model.cfg.d_head)
+    x = torch.zeros(int(model.cfg.n_heads) * d)
+    x[h * d : (h + 1) * d] = z
+    o = model.blocks[layer].attn.o
+    return x @ o.weight.detach().T + model.blocks[layer].attn.b_O.detach()
+
+
+def test_fv_bias_rules_per_head_is_todds_and_per_layer_counts_once(tiny, task):
     """Top heads (1, 0), (1, 2), (2, 3): layer 1 twice, so once per layer and once per head
-    give different vectors (by b_O[1], a norm-~5 vector); the FV is the former."""
+    give different vectors (by b_O[1], a norm-~5 vector). The default is Todd's rule (his
+    ``out_proj`` per head, rebuilt in :func:`_todd_head_term`); ``bias="per_layer"`` adds
+    each layer's bias once."""
     b_O = _set_b_O(tiny)
-    mz = mean_head_outputs(tiny, task, shots=3, n_prompts=4, template="qa")
+    mz = mean_head_outputs(tiny, task, pool=task.train, shots=3, n_prompts=4, template="qa")
     aie = torch.zeros(3, 4)
     aie[1, 0], aie[1, 2], aie[2, 3] = 3.0, 2.0, 1.0
-    fv = function_vector(tiny, task, k=3, layer=0, mean_z=mz, aie=aie)
     heads = [(1, 0), (1, 2), (2, 3)]
-    assert fv.history["heads"] == [list(lh) for lh in heads]
-    through_W_O = sum(mz[l, h] @ _W_O(tiny, l, h) for l, h in heads)
-    once_per_layer = through_W_O + b_O[1] + b_O[2]
-    once_per_head = through_W_O + 2 * b_O[1] + b_O[2]
-    torch.testing.assert_close(fv.vectors[0, 0], once_per_layer, atol=1e-5, rtol=1e-5)
-    assert (fv.vectors[0, 0] - once_per_head).abs().max() > 0.1  # the rules are told apart
+    todd = function_vector(tiny, task, k=3, layer=0, mean_z=mz, aie=aie)
+    assert todd.history["heads"] == [list(lh) for lh in heads]
+    assert todd.hyperparameters["bias"] == "per_head"
+    oracle = sum(_todd_head_term(tiny, l, h, mz[l, h]) for l, h in heads)
+    torch.testing.assert_close(todd.vectors[0, 0], oracle, atol=1e-5, rtol=1e-5)
+    ours = function_vector(tiny, task, k=3, layer=0, mean_z=mz, aie=aie, bias="per_layer")
+    once_per_layer = sum(mz[l, h] @ _W_O(tiny, l, h) for l, h in heads) + b_O[1] + b_O[2]
+    torch.testing.assert_close(ours.vectors[0, 0], once_per_layer, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(todd.vectors[0, 0] - ours.vectors[0, 0], b_O[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(TvlensError, match="per_head, per_layer"):
+        function_vector(tiny, task, k=3, mean_z=mz, aie=aie, bias="twice")
 
 
 def test_fv_of_a_whole_layer_is_its_mean_attention_output(tiny, task):
-    """Linearity: Σ_h z̄_h W_O[h] + b_O = mean over prompts of hook_attn_out at the last token."""
+    """Linearity: Σ_h z̄_h W_O[h] + b_O = mean over prompts of hook_attn_out at the last token
+    (the layer's own output carries its bias once: ``bias="per_layer"``)."""
     _set_b_O(tiny)  # non-zero, so the "+ b_O" is checked against the model's own output
-    mz = mean_head_outputs(tiny, task, shots=3, n_prompts=4, template="qa")
+    mz = mean_head_outputs(tiny, task, pool=task.train, shots=3, n_prompts=4, template="qa")
     aie = torch.full((3, 4), -1.0)
     aie[1] = 1.0  # top-4 heads = all heads of layer 1
-    fv = function_vector(tiny, task, k=4, layer=0, shots=3, n_prompts=4, mean_z=mz, aie=aie)
+    fv = function_vector(tiny, task, k=4, layer=0, shots=3, n_prompts=4, mean_z=mz, aie=aie,
+                         bias="per_layer")
     examples = make_examples(sample_queries(task, 4, seed=0, shots=3), task.train, shots=3, seed=0)
     oracle = _one_by_one(tiny, examples, get_template("qa"), "blocks.1.hook_attn_out").mean(0)
     torch.testing.assert_close(fv.vectors[0, 0], oracle, atol=1e-5, rtol=1e-5)
@@ -331,6 +349,69 @@ def test_extract_auto_picks_dev_best_and_reports_test(tiny, task):
     assert d["icl"] == pytest.approx(icl.accuracy)
 
 
+def test_fv_defaults_are_todds():
+    from tvlens.methods import FVConfig
+
+    cfg = FVConfig()
+    assert (cfg.n_prompts, cfg.n_ie_prompts, cfg.shots, cfg.k) == (100, 25, 10, 10)
+    assert (cfg.query_split, cfg.icl_filter, cfg.bias, cfg.template) == ("dev", True, "per_head", "fv")
+
+
+def test_sample_queries_draws_from_the_pool_with_replacement(task):
+    pool = task.dev[:3]
+    drawn = sample_queries(task, 40, seed=5, shots=3, pool=pool)
+    assert set(drawn) <= set(pool) and len(set(drawn)) == 3  # 40 draws of 3: all seen
+    assert sample_queries(task, 6, seed=5, shots=3) == sample_queries(task, 6, seed=5, shots=3,
+                                                                     pool=task.train)
+
+
+def test_query_pool_keeps_the_dev_items_icl_answers(tiny, task):
+    """Todd's filter: the pool is the dev items K-shot ICL answers correctly (the tiny
+    model gets 1 of 8 by chance: a proper subset), or all of them without the filter."""
+    records = evaluate(tiny, task, shots=3, split="dev", template="fv").records
+    expected = [pair for pair, ok in zip(task.dev, records["correct"]) if ok]
+    assert 0 < len(expected) < len(task.dev)
+    assert query_pool(tiny, task, shots=3) == expected
+    assert query_pool(tiny, task, shots=3, icl_filter=False) == list(task.dev)
+    assert query_pool(tiny, task, split="train", icl_filter=False) == list(task.train)
+
+
+def test_query_pool_refuses_a_task_icl_cannot_do(tiny, task):
+    """With the answer words' logits pushed to -1e4 the model never answers: the filter
+    keeps nothing, which is a clear error, not an FV built from nothing."""
+    answer_ids = {tiny.tokenizer.encode(" " + y, add_special_tokens=False)[0] for _, y in task.pairs}
+    with torch.no_grad():
+        tiny.unembed.b_U[list(answer_ids)] = -1e4
+    assert evaluate(tiny, task, shots=3, split="dev", template="fv").accuracy == 0.0
+    with pytest.raises(TvlensError, match="icl_filter=False"):
+        query_pool(tiny, task, shots=3)
+    with pytest.raises(TvlensError, match="icl_filter=False"):
+        function_vector(tiny, task, k=3, shots=3, n_prompts=2, n_ie_prompts=2)
+
+
+def test_sweep_settings_go_to_the_methods_that_have_them(tiny, task):
+    with pytest.raises(TvlensError, match="unknown setting"):
+        layer_sweep(tiny, task, "icl-tv", [0], n=4, shots=3, n_promts=3)
+    # k and icl_filter are FV's: ignored by icl-tv, whose vectors are then those of its config
+    a = layer_sweep(tiny, task, "icl-tv", [0], n=4, shots=3, n_prompts=3, k=5, icl_filter=False)
+    b = layer_sweep(tiny, task, "icl-tv", [0], n=4, shots=3, n_prompts=3)
+    torch.testing.assert_close(a.vectors[0].vectors, b.vectors[0].vectors, atol=0, rtol=0)
+    assert a.vectors[0].hyperparameters["n_prompts"] == 3
+
+
+@pytest.mark.slow
+def test_query_pool_keeps_the_dev_items_icl_answers_on_smollm2(smol):
+    """Todd's filter on the embedded model: the pool is the dev items that 5-shot ICL gets
+    right (scored by evaluate with the same seed and format), a proper non-empty subset."""
+    from tvlens import load_task
+
+    task = load_task("antonym")
+    pool = query_pool(smol, task, shots=5)
+    records = evaluate(smol, task, shots=5, split="dev", template="fv").records
+    assert pool == [pair for pair, ok in zip(task.dev, records["correct"]) if ok]
+    assert 0 < len(pool) < len(task.dev)
+
+
 @pytest.mark.slow
 def test_icl_tv_at_best_layer_beats_zero_shot_on_smollm2(smol):
     from tvlens import load_task
@@ -349,8 +430,8 @@ def test_kv_cached_indirect_effects_match_loop_on_smollm2(smol):
     from tvlens import load_task
 
     task = load_task("capitalize")
-    mz = mean_head_outputs(smol, task, shots=3, n_prompts=2)
-    batch = shuffled_prompts(smol, task, shots=3, n_prompts=2)
+    mz = mean_head_outputs(smol, task, pool=task.train, shots=3, n_prompts=2)
+    batch = shuffled_prompts(smol, task, pool=task.train, shots=3, n_prompts=2)
     heads = [(1, 0), (14, 5), (29, 8)]
     fast = indirect_effects(smol, task, mz, batch=batch, heads=heads, prefix_cache=True)
     slow = indirect_effects_loop(smol, task, mz, batch=batch, heads=heads)
@@ -371,8 +452,8 @@ def test_kv_cached_aie_ranks_heads_like_the_loop_on_smollm2(smol):
     from tvlens import load_task
 
     task = load_task("capitalize")
-    mz = mean_head_outputs(smol, task, shots=3, n_prompts=2)
-    batch = shuffled_prompts(smol, task, shots=3, n_prompts=2)
+    mz = mean_head_outputs(smol, task, pool=task.train, shots=3, n_prompts=2)
+    batch = shuffled_prompts(smol, task, pool=task.train, shots=3, n_prompts=2)
     heads = [(layer, h) for layer in (0, 14, 29) for h in range(9)]
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -399,8 +480,8 @@ def test_a_kv_cache_without_the_prefix_is_refused_not_used(smol, monkeypatch):
     from tvlens import kv_cache
 
     task = load_task("capitalize")
-    mz = mean_head_outputs(smol, task, shots=3, n_prompts=2)
-    batch = shuffled_prompts(smol, task, shots=3, n_prompts=2)
+    mz = mean_head_outputs(smol, task, pool=task.train, shots=3, n_prompts=2)
+    batch = shuffled_prompts(smol, task, pool=task.train, shots=3, n_prompts=2)
     heads = [(14, 5), (29, 8)]
     slow = indirect_effects_loop(smol, task, mz, batch=batch, heads=heads)
     with monkeypatch.context() as m:  # the length check

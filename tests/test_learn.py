@@ -254,6 +254,7 @@ def test_cli_learn_json(smol, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["layers"] == [10] and data["positions"] == ["last"] and data["steps"] == 3
     assert data["prefix_cache"] is True and data["n"] == 8
+    assert data["stopped"] == "budget"  # 3 steps, no dev evaluation could stop it sooner
     assert isinstance(data["train_seconds"], float) and data["train_seconds"] > 0
     tv = TaskVector.load(out)
     assert tv.method == "ltv" and tv.layers == (10,) and len(tv.history["loss"]) == 3
@@ -263,5 +264,150 @@ def test_cli_learn_json(smol, tmp_path, capsys):
     res = evaluate(smol, task, vector=tv, n=8)
     assert (data["accuracy"], data["ci_low"], data["ci_high"]) == pytest.approx(
         (res.accuracy, res.ci_low, res.ci_high))
-    assert data["zero_shot"] == pytest.approx(evaluate(smol, task, n=8).accuracy)
-    assert data["icl"] == pytest.approx(evaluate(smol, task, shots=5, n=8).accuracy)
+    # the references are in the vector's own format (the LTV default, "qa")
+    assert data["template"] == tv.template == "qa"
+    assert data["zero_shot"] == pytest.approx(evaluate(smol, task, n=8, template="qa").accuracy)
+    assert data["icl"] == pytest.approx(evaluate(smol, task, shots=5, n=8, template="qa").accuracy)
+
+
+# ----- issue 14: stopping, answer-only unembedding, composition, early position ----------
+def test_stopped_says_whether_dev_or_the_budget_ended_training(tiny, fixed_task):
+    # lr 1e-30: θ moves by ~1e-30 of the residual scale, below float32's resolution, so
+    # dev never improves on its first evaluation and patience 2 ends training after the
+    # third (step 3 of 50)
+    still = learn_task_vector(tiny, fixed_task, [1], steps=50, dev_every=1, patience=2, n_dev=4,
+                              lr=1e-30, progress=False)
+    assert still.history["stopped"] == "dev" and still.history["stopped_early"]
+    assert still.history["steps_run"] == 3 and still.history["best_step"] == 1
+    # two evaluations cannot exhaust patience 3: the budget ends training
+    short = learn_task_vector(tiny, fixed_task, [1], steps=4, dev_every=2, patience=3, n_dev=4,
+                              lr=0.1, progress=False)
+    assert short.history["stopped"] == "budget" and not short.history["stopped_early"]
+    assert short.history["steps_run"] == 4
+
+
+def _full_logits_loss(model, tf, layers, positions, theta):
+    """The LTV loss from every column's logits (the reference the answer-only path keeps)."""
+    from tvlens.interventions import ResidualEdit
+
+    hooks = ResidualEdit(tuple(layers), tuple(positions), theta, "add").hooks(model, tf.prompt)
+    logits = model.run_with_hooks(tf.input_ids, attention_mask=tf.attention_mask, fwd_hooks=hooks)
+    assert logits.shape[1] == tf.input_ids.shape[1]  # no column was cut
+    lsm = logits.float().log_softmax(-1)
+    P, per_row = tf.prompt_len, []
+    for b in range(len(tf.prompt)):
+        ids = [int(t) for t in tf.targets[b] if t != -100]
+        # column P-1+j predicts answer token j
+        per_row.append(-torch.stack([lsm[b, P - 1 + j, t] for j, t in enumerate(ids)]).mean())
+    return torch.stack(per_row).mean()
+
+
+def _unembedded_shapes(model):
+    shapes = []
+    handle = model.unembed.original_component.register_forward_pre_hook(
+        lambda m, args: shapes.append((tuple(args[0].shape), args[0].is_contiguous())))
+    return shapes, handle
+
+
+def _answer_only_vs_full(model, tf, layers, positions, tol):
+    gen = torch.Generator().manual_seed(2)
+    theta = torch.randn(len(layers), len(positions), model.cfg.d_model, generator=gen)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    th = theta.clone().requires_grad_(True)
+    ref = _full_logits_loss(model, tf, layers, positions, th)
+    (g_ref,) = torch.autograd.grad(ref, th)
+    shapes, handle = _unembedded_shapes(model)
+    try:
+        loss, grad = _grads(model, tf, layers, positions, theta, None)
+        l0 = min(layers)
+        cache, as_tuple = capture_prefix(model, tf, l0)
+        c_loss, c_grad = _grads(model, tf, layers, positions, theta, (l0, cache, as_tuple))
+    finally:
+        handle.remove()
+    B, A = tf.targets.shape
+    # only the A answer-predicting columns reach W_U, as one contiguous [B, A, d] input
+    # (the capture's forward is the runner's scoring path: the same cut)
+    assert shapes[0] == ((B, A, model.cfg.d_model), True) and shapes[-1] == shapes[0], shapes
+    for lo, gr in ((loss, grad), (c_loss, c_grad)):
+        torch.testing.assert_close(lo, ref.detach(), atol=0, rtol=tol)
+        scale = g_ref.abs().max()
+        torch.testing.assert_close(gr, g_ref, atol=tol * scale, rtol=tol)
+    assert g_ref.abs().max() > 0
+
+
+def test_answer_only_unembedding_equals_the_full_logits_loss(tiny):
+    # answers of one and two tokens: right padding (-100 targets) inside the kept columns
+    mixed = Task("mixed", tuple((w, "yes" if i % 2 else f"yes {w.upper()}")
+                                for i, w in enumerate(WORDS)))
+    examples = make_examples(mixed.train[:10], mixed.train, shots=1, seed=0)
+    tf = with_answers(tokenize(tiny, examples), 0)
+    assert (tf.targets == -100).any() and tf.targets.shape[1] == 2
+    # float32: the same dot products in another matmul shape; losses O(1-10), 1e-5
+    # relative is ~80 eps; the gradient held to 1e-5 of its largest entry
+    _answer_only_vs_full(tiny, tf, [1], ["last"], tol=1e-5)
+    _answer_only_vs_full(tiny, tf, [0, 2], ["last", -2], tol=1e-5)
+
+
+@pytest.mark.slow
+def test_answer_only_unembedding_equals_the_full_logits_loss_on_smollm2(smol):
+    task = load_task("antonym")
+    examples = make_examples(task.train[:8], task.train, shots=2, seed=0)
+    tf = select_rows(with_answers(tokenize(smol, examples), 0), list(range(8)))
+    # float32 logits ~20 from [B·A, 576] @ [576, 49152] vs the full-sequence product:
+    # summation order differs; 1e-5 relative is ~80 eps
+    _answer_only_vs_full(smol, tf, [10], ["last"], tol=1e-5)
+
+
+def test_composition_reports_exact_match_and_single_vector_controls(tiny, upper_task):
+    """θ_A + θ_B on x ↦ B(A(x)) by exact match, recomputed by hand with greedy decoding."""
+    from tvlens.forward import greedy_answers
+    from tvlens.learn.experiments import composition
+    from tvlens.prompts import PromptSet
+
+    # B appends " yes": every composed answer "W yes" starts with A's own answer "W",
+    # so θ_A alone can get the first token right and still miss the answer
+    tag = Task("tag", tuple((w.upper(), f"{w.upper()} yes") for w in WORDS))
+    kw = dict(steps=20, dev_every=10, n_dev=4, lr=0.1, progress=False)
+    df = composition(tiny, upper_task, tag, 1, template="arrow", **kw)
+    assert list(df["name"]) == ["zero-shot", "θ_upper", "θ_tag", "θ_upper + θ_tag", "ICL 5-shot"]
+    # the same training (same seed and settings: the same bits), decoded by hand
+    va = learn_task_vector(tiny, upper_task, [1], template="arrow", **kw)
+    vb = learn_task_vector(tiny, tag, [1], template="arrow", **kw)
+    composed = composed_task(upper_task, tag)
+    ps = PromptSet.build(tiny, composed, split="test", template="arrow")
+    batch = ps.batch
+    assert all(len(a) == 2 for a in batch.answer_ids)  # multi-token: "W" "yes"
+    for name, vec in (("zero-shot", None), ("θ_upper", va), ("θ_tag", vb),
+                      ("θ_upper + θ_tag", va + vb)):
+        hooks = vec.hooks(tiny, batch) if vec is not None else []
+        gen = greedy_answers(tiny, batch, hooks)
+        em = np.mean([g == a for g, a in zip(gen, batch.answer_ids)])
+        row = df.set_index("name").loc[name]
+        assert row["exact_match"] == pytest.approx(em, abs=1e-12), name
+        assert row["em_low"] <= row["exact_match"] <= row["em_high"]
+        # an exact match has its first token right: exact match <= first-token accuracy
+        assert row["exact_match"] <= row["accuracy"] + 1e-12
+        assert row["n"] == len(batch)
+    rows = df.set_index("name")
+    # θ_upper's own answer "W" is the first token of every composed answer "W yes";
+    # tag covers no lowercase input: nothing to compare
+    assert rows.loc["θ_upper", "shared_first_token"] == 1.0
+    assert rows.loc["θ_upper", "n_shared"] == len(batch)
+    assert rows.loc["θ_tag", "n_shared"] == 0 and np.isnan(rows.loc["θ_tag", "shared_first_token"])
+
+
+def test_early_position_is_index_4_and_refused_on_short_prompts(tiny, fixed_task):
+    from tvlens.learn.experiments import configuration
+
+    cfg = configuration(tiny, "early position")
+    assert cfg["positions"] == [4] and cfg["layers"] == [1] and cfg["shots"] == 0
+    # "Q: cat\nA:" is 7 tokens on the tiny tokenizer (BOS, then 6): index 4 is inside
+    assert configuration(tiny, "early position", task=fixed_task, template="qa")["positions"] == [4]
+    # "cat ->" is 3 (BOS, cat, ->): index 4 falls outside, refused naming the prompt
+    with pytest.raises(TvlensError, match=r"position 4.*'cat ->'.* has only 3 tokens"):
+        configuration(tiny, "early position", task=fixed_task, template="arrow")
+    # the configuration's θ sits on the fifth real token of every (left-padded) prompt
+    tv = learn_task_vector(tiny, fixed_task, cfg["layers"], cfg["positions"], template="qa",
+                           **FAST)
+    assert tv.positions == (4,)

@@ -34,9 +34,11 @@ CHECKS = {
         # the prefix-cached gradient equals the full one up to float32 reduction order
         lambda v: v["ltv"] > v["zero"] and v["loss_gap"] < 1e-5 and v["grad_gap"] < 1e-4),
     "attribution": (
-        "{'key_heads': len(kh['key_heads']), 'n_heads': model.cfg.n_layers * model.cfg.n_heads,"
+        # key heads: 25% of the heads after the vector's layer (issue 14), all of them later
+        "{'key_heads': len(kh['key_heads']), 'later': min(h[0] for h in kh['key_heads']) > vec.layers[0],"
+        " 'n_heads': (model.cfg.n_layers - 1 - vec.layers[0]) * model.cfg.n_heads,"
         " 'geo_layers': list(geo['layers'])}",
-        lambda v: v["key_heads"] == round(0.25 * v["n_heads"]) and v["geo_layers"] == [0, 1]),
+        lambda v: v["key_heads"] == round(0.25 * v["n_heads"]) and v["later"] and v["geo_layers"] == [0, 1]),
     "adaptive_vectors": (
         "{'first': hist['loss'][0], 'last': hist['loss'][-1],"
         " 'same': bool(torch.equal(gen.generate(xs), back.generate(xs)))}",

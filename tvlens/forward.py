@@ -63,23 +63,63 @@ def with_answers(batch: PromptBatch, pad_id: int = 0) -> TeacherForcedBatch:
     )
 
 
+UNEMBED_IN = "unembed.hook_in"
+
+
+def _unembed_only(start: int, stop: int) -> Hook:
+    """A hook at the unembedding's input keeping columns ``[n - start, n - stop)`` of the
+    ``n`` it receives, contiguous.
+
+    ``x[b, n - start : n - stop]`` ``[batch, start - stop, d_model]`` is unembedded
+    instead of all ``n`` columns. Contiguity matters as much as the column count: the
+    Hugging Face head receives ``h[:, -k:]``, a strided view that ``F.linear`` cannot
+    flatten, and multiplies it by ``W_U`` broadcast to ``[batch, d_model, d_vocab]`` (a
+    ``bmm``: on SmolLM2, batch 16, about 0.4 s forward and 0.35 s backward for two
+    columns, the per-step constant of LTV training); a contiguous input is one
+    ``[batch·k, d_model] @ [d_model, d_vocab]`` product. Only the columns read are
+    computed; the values of those columns are the same products (float reordering aside).
+    """
+
+    def hook(x: Tensor, hook=None) -> Tensor:
+        n = x.shape[1]
+        if n < start:
+            raise RuntimeError(f"the unembedding received {n} columns, fewer than the {start} "
+                               "to keep; the model's logits_to_keep handling changed")
+        return x[:, n - start: n - stop].contiguous()
+
+    return (UNEMBED_IN, hook)
+
+
 def run_logits(model, input_ids: Tensor, attention_mask: Tensor, hooks: Sequence[Hook] = (), *,
-               logits_to_keep: int | None = None) -> Tensor:
+               logits_to_keep: int | None = None, drop_last: int = 0) -> Tensor:
     """``model`` logits for raw ids and mask, with hooks and an optional last-``k`` cut.
 
-    ``logits_to_keep=k`` returns only the last ``k`` columns' logits; Hugging Face models
-    then skip the unembedding elsewhere (on SmolLM2 ``W_U`` costs about as much as eight
-    blocks), others compute everything and are sliced.
+    ``logits_to_keep=k`` returns only the logits of the last ``k`` columns, less the last
+    ``drop_last`` of them (``[batch, k - drop_last, vocab]``): columns
+    ``seq - k .. seq - drop_last - 1``. Hugging Face models then run the unembedding on
+    the kept columns only, others on all and are sliced; where the bridge exposes the
+    unembedding's input (``unembed.hook_in``), only the returned columns are unembedded,
+    as one contiguous matrix product (:func:`_unembed_only`) — on SmolLM2 ``W_U`` costs
+    about as much as eight blocks per column set. Hooks of the caller at
+    ``unembed.hook_in`` see what they saw before (the cut is registered after them).
     """
     ids = input_ids.to(model.cfg.device)
     mask = attention_mask.to(model.cfg.device)
     kwargs = {} if logits_to_keep is None else {"logits_to_keep": int(logits_to_keep)}
+    hooks = list(hooks)
+    cut = logits_to_keep is not None and UNEMBED_IN in getattr(model, "hook_dict", {})
+    if cut:
+        hooks.append(_unembed_only(int(logits_to_keep), drop_last))
     if hooks:
-        logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=list(hooks), **kwargs)
+        logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks, **kwargs)
     else:
         logits = model(ids, attention_mask=mask, **kwargs)
-    if logits_to_keep is not None and logits.shape[1] != logits_to_keep:
-        logits = logits[:, -int(logits_to_keep):]  # the model ignored the argument
+    if logits_to_keep is not None and not cut:
+        n = logits.shape[1]
+        logits = logits[:, n - int(logits_to_keep): n - drop_last]  # slice what was computed
+    if logits_to_keep is not None and logits.shape[1] != int(logits_to_keep) - drop_last:
+        raise RuntimeError(f"kept {logits.shape[1]} logit columns, expected "
+                           f"{int(logits_to_keep) - drop_last}")
     return logits
 
 
@@ -112,9 +152,11 @@ def answer_logprobs(model, batch: PromptBatch | TeacherForcedBatch, hooks: Seque
     """
     tf = batch if isinstance(batch, TeacherForcedBatch) else with_answers(batch, pad_id(model))
     A = tf.targets.shape[1]
-    # columns P-1 .. P+A-2 predict the answer tokens: the last A+1 columns hold them
-    logits = run_logits(model, tf.input_ids, tf.attention_mask, hooks, logits_to_keep=A + 1)
-    pred = logits[:, :A].float().log_softmax(-1)
+    # columns P-1 .. P+A-2 predict the answer tokens: the last A+1 columns less the last
+    # (which predicts nothing); only these A are unembedded
+    logits = run_logits(model, tf.input_ids, tf.attention_mask, hooks, logits_to_keep=A + 1,
+                        drop_last=1)
+    pred = logits.float().log_softmax(-1)
     targets = tf.targets.to(model.cfg.device)
     valid = targets != -100
     lp = pred.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)

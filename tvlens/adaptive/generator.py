@@ -24,11 +24,11 @@ scale=λ)``. Gradients flow through it into the expansion and the encoder.
 as a :class:`~tvlens.vector.TaskVector`. Settings come from :class:`~tvlens.methods.ATVConfig`.
 
 Reference: Kang et al., "Adaptive Task Vectors for Large Language Models" (2025).
-The released code uses λ = 0.001 on Llama-3-8B's raw hidden states with the default
-(random) init of the expansion; tvlens defaults to λ = 1 on the normalized hidden state
-with a zero-initialised expansion (training starts exactly at the zero-shot model): at the
-paper's lr 5e-4, 40 Adam steps lift SmolLM2-135M from ≈ 0 zero-shot to 0.35–0.40 in-domain
-accuracy (docs/results/adaptive.md).
+The released code uses λ = 0.001 on Llama-3-8B with the default (random) init of the
+expansion, at every position of every layer — ``recipe_config("reference")`` follows it
+rule by rule (:mod:`tvlens.adaptive.config`). tvlens's ``"fast"`` recipe (the default)
+uses λ = 1 on the normalized hidden state with a zero-initialised expansion (training
+starts exactly at the zero-shot model), the last token and one template.
 """
 
 from __future__ import annotations
@@ -237,7 +237,8 @@ class AdaptiveGenerator(nn.Module, Intervention):
                 f"the generator in {str(folder)!r} was trained for {saved.describe()}, not for "
                 f"{fingerprint(target).describe()}; load it with that model or train a new one"
             )
-        encoder = build_encoder(config.encoder, config.pooling, device=target.cfg.device)
+        encoder = build_encoder(config.encoder, config.pooling, device=target.cfg.device,
+                                hidden=config.hidden)
         gen = cls(encoder, config).to(target.cfg.device)
         gen.load_weights(tensors)
         return gen
@@ -332,7 +333,7 @@ def make_generator(
                             settings=cfg.replace(scale=float(cfg.scale)))
     with _rng_fork(device):
         torch.manual_seed(cfg.seed)
-        encoder = build_encoder(spec, cfg.pooling, device=device)
+        encoder = build_encoder(spec, cfg.pooling, device=device, hidden=cfg.hidden)
         torch.manual_seed(cfg.seed)
         return AdaptiveGenerator(encoder, config, init=cfg.init).to(device)
 

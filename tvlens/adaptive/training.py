@@ -1,15 +1,20 @@
 """Training an adaptive generator: target frozen, encoder + expansion trained jointly.
 
-On the zero-shot prompts of many tasks at once (each batch mixes tasks), minimise the
-teacher-forced cross-entropy of the answer tokens with the generated vectors injected:
+On the zero-shot prompts of many tasks at once, minimise the teacher-forced
+cross-entropy of the answer tokens with the generated vectors injected, averaged over
+the target templates ``T(t)`` of each pair's task ``t`` (:func:`training_loss`):
 
-    L(θ) = E_{(x, y)} [ −(1/|y|) Σ_j log p_target(y_j | prompt(x), y_<j ; + λ·V_θ(x)) ]
+    L(θ) = E_{(t, x, y)} [ (1/|T(t)|) Σ_{τ ∈ T(t)} −(1/|y|) Σ_j log p_target(y_j | τ(x), y_<j ; + λ·V_θ(x)) ]
 
-(:func:`tvlens.runner.run` with the generator as the intervention, ``logits="answer"``,
-``grad=True``). Adam, lr 5e-4, weight decay 1e-5 (the paper's defaults, in
-:class:`~tvlens.methods.ATVConfig`). Every epoch visits the training pairs in an order
-drawn from ``(seed, epoch)`` only, so a run resumed from a checkpoint takes the same
-steps as one that was never interrupted. A checkpoint is one safetensors file written
+``T(t)`` is the one ``target_template`` (recipe ``fast``), or with ``natural_templates``
+the task's natural-language ATV templates (:func:`tvlens.templates.atv_templates`;
+recipe ``reference``, as the released code averages ``outputs.loss`` over them). ``V_θ(x)``
+is computed once per pair and shared by its templates; the target runs through
+:func:`tvlens.runner.run` (``logits="answer"``, ``grad=True``) once per template in the
+batch. Adam, lr 5e-4, weight decay 1e-5 (the paper's). With ``shuffle`` every epoch visits
+the pairs in an order drawn from ``(seed, epoch)`` only (without: task after task, the
+released order), so a run resumed from a checkpoint takes the same steps as one that was
+never interrupted. A checkpoint is one safetensors file written
 atomically (:func:`tvlens.io.save_tensors`): the generator's weights, Adam's state
 flattened into named tensors, and as JSON the optimizer's other state, the history and
 the config; written every ``checkpoint_every`` steps and at the end of each epoch.
@@ -30,11 +35,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tvlens.errors import TvlensError
+from tvlens.interventions import ResidualEdit
 from tvlens.io import load_tensors, optimizer_state, optimizer_tensors, save_tensors, versions
 from tvlens.methods import ATVConfig
 from tvlens.prompts import PromptSet, make_examples
 from tvlens.runner import run
 from tvlens.tasks.task import Task
+from tvlens.templates import Template, atv_templates, get_template, template_name
 
 from tvlens.adaptive.config import atv_settings
 from tvlens.adaptive.generator import AdaptiveGenerator
@@ -86,6 +93,48 @@ def check_unseen(train_tasks: Sequence, unseen_tasks: Sequence) -> None:
                 "task with disjoint inputs (e.g. next_letter, first_item, last_item)")
 
 
+def target_templates(tasks: Sequence[Task], config: ATVConfig,
+                     natural: dict[str, Sequence[str]] | None = None) -> dict[str, list[Template]]:
+    """Per task, the target templates its loss averages over: ``[target_template]``, or
+    with ``config.natural_templates`` :func:`~tvlens.templates.atv_templates` of the task
+    (``natural[task]`` strings first, then tvlens's table, then ATV's fallback)."""
+    natural = natural or {}
+    unknown = sorted(set(natural) - {t.name for t in tasks})
+    if unknown:
+        raise TvlensError(f"templates given for {unknown}, which are not training tasks; "
+                          "name training tasks only")
+    if not config.natural_templates:
+        if natural:
+            raise TvlensError("natural templates given but natural_templates is off; use the "
+                              "reference recipe or natural_templates=True")
+        return {t.name: [get_template(config.target_template)] for t in tasks}
+    return {t.name: atv_templates(t.name, natural.get(t.name)) for t in tasks}
+
+
+def training_loss(target, generator: AdaptiveGenerator, pairs: Sequence[tuple[str, str, str]],
+                  templates: dict[str, Sequence[Template]]) -> Tensor:
+    """The batch loss of the module docstring for ``(task, x, y)`` ``pairs``: per pair the
+    mean over ``templates[task]`` of the mean answer-token NLL, then the mean over pairs.
+    ``V(x)`` is generated once per pair (gradients kept) and injected into each of its
+    template's prompts as a per-example :class:`~tvlens.interventions.ResidualEdit`."""
+    v = generator.generate([x for _, x, _ in pairs]).unsqueeze(2)  # [B, L, 1, d_model]
+    groups: dict[Template, list[int]] = {}
+    for i, (name, _, _) in enumerate(pairs):
+        for tmpl in templates[name]:
+            groups.setdefault(tmpl, []).append(i)
+    per_pair: list[list[Tensor]] = [[] for _ in pairs]
+    for tmpl, rows in groups.items():
+        prompts = PromptSet.from_examples(target, make_examples([pairs[i][1:] for i in rows]),
+                                          tmpl, split="train")
+        edit = ResidualEdit(generator.layers, (generator.config.position,), v[rows], "add",
+                            generator.scale)
+        out = run(target, prompts, edit, logits="answer", batch_size=None, grad=True, progress=False)
+        nll = -(out.answer_logprobs.sum(-1) / out.answer_mask.sum(-1))
+        for i, value in zip(rows, nll):
+            per_pair[i].append(value)
+    return torch.stack([torch.stack(vals).mean() for vals in per_pair]).mean()
+
+
 @contextmanager
 def frozen(model):
     """Turn off ``requires_grad`` on every parameter of ``model`` for the body, then restore."""
@@ -116,13 +165,15 @@ def train_generator(
     resume: bool = False,
     max_steps: int | None = None,
     progress: bool = True,
+    templates: dict[str, Sequence[str]] | None = None,
 ) -> dict:
     """Train ``generator`` (in place) to help the frozen ``target`` on ``tasks``.
 
     Args:
         config: the training settings (``epochs``, ``batch_size``, ``n_per_task``, ``lr``,
-            ``weight_decay``, ``seed``) as an :class:`~tvlens.methods.ATVConfig`; the
-            keywords below that differ from their defaults override it.
+            ``weight_decay``, ``seed``, ``natural_templates``, ``shuffle``) as an
+            :class:`~tvlens.methods.ATVConfig` (default: the generator's own settings,
+            e.g. a recipe's); the keywords below that differ from their defaults override it.
         epochs, batch_size: passes over the pooled training pairs, and pairs per step.
         n_per_task: use the first ``n_per_task`` train pairs of each task (paper: ~90).
         lr, weight_decay: Adam (paper: 5e-4, 1e-5).
@@ -130,13 +181,15 @@ def train_generator(
         checkpoint_dir: where checkpoints go; with ``resume=True`` training continues
             from the checkpoint found there (same data order, same optimizer state).
         max_steps: stop after this many steps in total (counting resumed ones).
+        templates: with ``natural_templates``, natural-language templates per task name
+            (strings with ``{x}``; "\\nA:" is appended) instead of tvlens's table.
 
     Returns:
         ``{"loss": [per-step mean loss], "steps": int, "seconds": float, "tasks": [...]}``.
         The training settings are recorded in ``generator.config.settings``.
     """
     generator.check_model(target)
-    cfg = atv_settings(config, epochs=epochs, batch_size=batch_size, n_per_task=n_per_task,
+    cfg = atv_settings(config if config is not None else generator.config.settings, epochs=epochs, batch_size=batch_size, n_per_task=n_per_task,
                        lr=lr, weight_decay=weight_decay, seed=seed)
     epochs, batch_size, lr, seed = cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed
     if epochs < 1 or batch_size < 1:
@@ -144,12 +197,14 @@ def train_generator(
     if not (lr > 0):
         raise TvlensError(f"lr must be positive, got {lr}")
     data = training_pairs(tasks, cfg.n_per_task)
-    template = generator.config.target_template
+    per_task = target_templates(tasks, cfg.replace(target_template=generator.template), templates)
     opt = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=lr,
                            weight_decay=cfg.weight_decay)
     history = {"loss": [], "steps": 0, "seconds": 0.0, "tasks": [t.name for t in tasks],
                "train_inputs": sorted({x for _, x, _ in data}),
-               "lr": lr, "weight_decay": cfg.weight_decay, "batch_size": batch_size, "seed": seed}
+               "lr": lr, "weight_decay": cfg.weight_decay, "batch_size": batch_size, "seed": seed,
+               "recipe": cfg.recipe, "shuffle": cfg.shuffle,
+               "templates": {k: [template_name(t) for t in v] for k, v in per_task.items()}}
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -158,7 +213,8 @@ def train_generator(
             raise TvlensError("resume=True needs a checkpoint_dir holding a checkpoint "
                               f"({CKPT_FILE}); train without resume first")
         history = _load_checkpoint(ckpt, generator, opt)
-    kept = {k: getattr(cfg, k) for k in ("epochs", "batch_size", "n_per_task", "lr", "weight_decay")}
+    kept = {k: getattr(cfg, k) for k in ("epochs", "batch_size", "n_per_task", "lr", "weight_decay",
+                                         "natural_templates", "shuffle")}
     generator.config = replace(generator.config, settings=generator.config.settings.replace(**kept),
                                versions=versions())
     steps_per_epoch = (len(data) + batch_size - 1) // batch_size
@@ -171,13 +227,10 @@ def train_generator(
         while step < total:
             epoch, i = divmod(step, steps_per_epoch)
             order = list(range(len(data)))
-            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            if cfg.shuffle:
+                random.Random(seed * 1_000_003 + epoch).shuffle(order)
             chunk = [data[j] for j in order[i * batch_size:(i + 1) * batch_size]]
-            prompts = PromptSet.from_examples(target, make_examples([(x, y) for _, x, y in chunk]),
-                                              template, split="train")
-            out = run(target, prompts, generator, logits="answer", batch_size=None, grad=True,
-                      progress=False)
-            loss = (-(out.answer_logprobs.sum(-1) / out.answer_mask.sum(-1))).mean()
+            loss = training_loss(target, generator, chunk, per_task)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -214,4 +267,5 @@ def _load_checkpoint(folder: Path, generator, opt) -> dict:
     return meta["history"]
 
 
-__all__ = ["check_unseen", "frozen", "input_overlap", "train_generator", "training_pairs"]
+__all__ = ["check_unseen", "frozen", "input_overlap", "target_templates", "train_generator",
+           "training_loss", "training_pairs"]

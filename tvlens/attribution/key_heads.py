@@ -24,6 +24,15 @@ Heads at other positions run unchanged.
 The heads go along the batch dimension (:func:`tvlens.runner.run_variants`): prompt
 ``i``'s copy ``j`` ablates head ``j`` of a chunk, ``batch_size`` rows per forward.
 
+**Which heads can read θ.** A vector injected at layer ``l`` is written to
+``blocks.{l}.hook_resid_post`` (:func:`~tvlens.interventions.resid_hook_name`), so only the
+heads of layers ``l + 1 .. L − 1`` read a residual that carries it; a head at layer
+``≤ l`` sees the clean residual, and a high saliency there says that the head matters to
+the prompt, not that it reads θ. :func:`readable_heads` lists the heads after the
+(first) injection layer; :func:`select_key_heads` takes the top ``percent`` % *of those*
+(``k = max(1, round(n_candidates · percent / 100))``). A vector at the last layer has no
+later head: it is refused.
+
 :mod:`tvlens.attribution.ablation` scores accuracy with heads ablated against random head
 sets and no ablation, through :func:`tvlens.evaluation.evaluate`.
 """
@@ -32,11 +41,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from tvlens.attribution.common import check_percent
+from tvlens.errors import TvlensError
 from tvlens.heads import Head, all_heads, check_heads
 from tvlens.interventions import HeadPatch, z_hook_name
 from tvlens.prompts import PromptBatch, PromptSet
@@ -116,13 +127,79 @@ def top_heads(scores: Float[Tensor, "layer head"], percent: float = 10.0) -> lis
     return HeadTable(scores, "score").top(percent=check_percent(percent))
 
 
-def agreement(a: Tensor, b: Tensor, percent: float = 10.0) -> dict:
-    """Spearman ρ between two head scores and the overlap of their top ``percent`` %."""
+def injection_layer(vector) -> int | None:
+    """The first layer whose output ``vector`` writes: ``min(vector.layers)`` of a
+    :class:`~tvlens.vector.TaskVector`, :class:`~tvlens.interventions.ResidualEdit` or
+    adaptive generator (parts of a composition included); None for no vector."""
+    if vector is None:
+        return None
+    parts = getattr(vector, "parts", [vector])
+    layers = [int(x) for p in parts for x in (getattr(p, "layers", None) or ())]
+    if not layers:
+        raise TvlensError(f"cannot tell which layer {type(vector).__name__} writes to, so which "
+                          "heads can read it; pass a TaskVector, or rank='all' to rank every head")
+    return min(layers)
+
+
+def readable_heads(model, vector, rank: str = "after") -> list[Head]:
+    """The heads to rank: with ``rank="after"`` those in layers after the injection layer
+    ``l`` (:func:`injection_layer`), i.e. ``(l', h)`` with ``l < l' < L``; every head with
+    ``rank="all"`` or without a vector. Layer-major.
+
+    Raises :class:`TvlensError` for a vector at the last layer under ``rank="after"``.
+    """
+    if rank not in ("after", "all"):
+        raise TvlensError(f"rank must be 'after' (heads after the injection layer) or 'all', got {rank!r}")
+    heads = all_heads(model)
+    if rank == "all" or vector is None:
+        return heads
+    layer, last = injection_layer(vector), int(model.cfg.n_layers) - 1
+    if layer >= last:
+        raise TvlensError(
+            f"the vector is injected after layer {layer}, the model's last layer: no later head "
+            "can read it, so it has no key heads; inject it at an earlier layer, or rank every "
+            "head with rank='all' (CLI: --rank all), none of which can read it")
+    return [hd for hd in heads if hd[0] > layer]
+
+
+def select_key_heads(scores: Float[Tensor, "layer head"], percent: float = 10.0,
+                     heads: Sequence[Head] | None = None) -> list[Head]:
+    """The top ``percent`` % of ``heads`` (default: all) by ``scores``, highest first:
+    ``k = max(1, round(len(heads) · percent / 100))``, ties in layer-major order."""
+    percent = check_percent(percent)
+    L, H = scores.shape
+    heads = [(l, h) for l in range(L) for h in range(H)] if heads is None else list(heads)
+    if not heads:
+        raise TvlensError("no heads to rank; use rank='all' or a vector at an earlier layer")
+    k = max(1, int(round(len(heads) * percent / 100)))
+    score = [float(scores[layer, h]) for layer, h in heads]  # NaN (not scored) ranks last
+    order = sorted(range(len(heads)), key=lambda i: (-score[i] if score[i] == score[i] else float("inf"), i))
+    return [heads[i] for i in order[:k]]
+
+
+def layer_histogram(heads: Sequence[Head], n_layers: int) -> list[int]:
+    """``count[l]`` = how many of ``heads`` sit in layer ``l``, for ``l < n_layers`` (sums to
+    ``len(heads)``)."""
+    count = [0] * int(n_layers)
+    for layer, _ in heads:
+        count[int(layer)] += 1
+    return count
+
+
+def agreement(a: Tensor, b: Tensor, percent: float = 10.0, heads: Sequence[Head] | None = None
+              ) -> dict:
+    """Spearman ρ between two head scores and the overlap of their top ``percent`` %, over
+    ``heads`` (default: all) — the heads that were ranked."""
     from scipy.stats import spearmanr
 
-    rho = float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
-    ta, tb = set(top_heads(a, percent)), set(top_heads(b, percent))
+    L, H = a.shape
+    heads = [(l, h) for l in range(L) for h in range(H)] if heads is None else list(heads)
+    xa = np.array([float(a[hd]) for hd in heads])
+    xb = np.array([float(b[hd]) for hd in heads])
+    rho = float(spearmanr(xa, xb).statistic) if len(heads) > 1 else float("nan")
+    ta, tb = set(select_key_heads(a, percent, heads)), set(select_key_heads(b, percent, heads))
     return {"spearman": rho, "top_overlap": len(ta & tb) / len(ta), "k": len(ta)}
 
 
-__all__ = ["ablation_effects", "agreement", "head_means", "head_saliency", "top_heads"]
+__all__ = ["ablation_effects", "agreement", "head_means", "head_saliency", "injection_layer",
+           "layer_histogram", "readable_heads", "select_key_heads", "top_heads"]

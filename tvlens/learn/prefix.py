@@ -10,7 +10,8 @@ is a constant of training. It is captured once, without gradients, by
 :func:`tvlens.runner.run` (``capture=[blocks.{l}.hook_resid_post]``, ``capture_at=None``,
 ``logits="answer"``: the same teacher-forced rows the loss runs on) with blocks l+1 … L−1
 skipped (so only blocks 0..l run; the logits of that forward are discarded), and every
-training step then runs only blocks l+1 … L−1 (plus the final norm and unembedding):
+training step then runs only blocks l+1 … L−1 (plus the final norm, and the unembedding
+of the answer-predicting columns only: :func:`tvlens.forward.run_logits`):
 
 - blocks 0..l are *skipped*: each block's wrapped layer is swapped for
   :class:`SkipBlock` (through :func:`tvlens.compat.swap_original_component`), which

@@ -28,7 +28,10 @@ parametrisation (s_l = 1, lr absolute). See docs/results/learned.md for the meas
 **Early stopping and the returned θ.** Every ``dev_every`` steps θ is evaluated on the
 dev split (first-token accuracy, ties broken by the mean first-token log-probability);
 training stops after ``patience`` evaluations without improvement, and the best θ on dev
-is returned.
+is returned. ``history["stopped"]`` says which ended training: ``"dev"`` (patience ran
+out) or ``"budget"`` (``steps`` ran out first: the vector may not have converged). The
+default budget (LTVConfig.steps) is large enough that dev does the stopping on the
+built-in tasks and on small task files (docs/results/learned.md).
 
 **Prefix caching** (:mod:`tvlens.learn.prefix`): blocks 0..min 𝓛 are computed once per
 training row and skipped at every step. ``history["prefix_cache"]`` says whether it was
@@ -130,7 +133,10 @@ def ltv_loss(model, batch: TeacherForcedBatch, layers: Sequence[int],
     """Mean answer NLL of ``batch`` with θ added at ``layers`` × ``positions``.
 
     The loss is :func:`tvlens.runner.answer_nll` over the teacher-forced rows with a
-    :class:`~tvlens.interventions.ResidualEdit` (add θ) bound to the prompts.
+    :class:`~tvlens.interventions.ResidualEdit` (add θ) bound to the prompts. Only the
+    ``A`` columns that predict answer tokens (``prompt_len − 1 … prompt_len + A − 2``)
+    are unembedded, as one ``[B·A, d_model] @ W_U`` product: the loss and ∂/∂θ are those
+    of the full-sequence logits (tested), without the vocabulary-sized cost per column.
     ``prefix = (l, h_l, as_tuple)`` runs the cached path: blocks 0..l skipped, the
     residual after block l replaced by ``h_l`` ``[batch, seq, d_model]`` (from
     :func:`~tvlens.learn.prefix.capture_prefix` over the same batch), then θ added. It
@@ -204,7 +210,9 @@ def learn_task_vector(
         An add-mode :class:`TaskVector` (method ``"ltv"``), the best θ on dev, whose
         ``hyperparameters`` are the config's ``to_dict()`` and whose ``history`` holds
         ``loss`` (per step), ``dev`` (step, accuracy, logprob), ``train_seconds``,
-        ``best_step``, ``stopped_early``, ``prefix_cache``.
+        ``best_step``, ``steps_run``, ``stopped`` (``"dev"``: early stopping ended
+        training; ``"budget"``: ``steps`` ran out while dev was still improving — raise
+        ``steps``), ``stopped_early`` (``stopped == "dev"``), ``prefix_cache``.
 
     Raises:
         TvlensError: empty layer/position set, a position outside some prompt, steps ≤ 0,
@@ -394,6 +402,7 @@ def _train(model, task, layers, positions, cfg: LTVConfig, init_tensor, tf, dev:
         if state["best"] is None or (res.accuracy, lp) > tuple(state["best"]):
             state["best_step"], best_phi = state["step"], phi.detach().clone()
     history = {"loss": state["loss"], "dev": dev_log, "best_step": state["best_step"],
+               "stopped": "dev" if state["stopped_early"] else "budget",
                "stopped_early": state["stopped_early"], "steps_run": state["step"],
                "train_seconds": time.perf_counter() - t0, "prefix_cache": use_cache,
                "prefix_cache_note": note, "residual_rms": rms.tolist()}

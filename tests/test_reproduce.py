@@ -1,0 +1,178 @@
+"""``tvlens reproduce``: the verdict rule, the resumable cache, the report files."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from tvlens import TvlensError, evaluate
+from tvlens.reproduce import Claim, Finding, PaperValue, judge, outcome, verdict
+from tvlens.reproduce.findings import Context, resolve_layers, value
+from tvlens.reproduce.render import write_outputs
+from tvlens.reproduce.report import assemble, run_parts
+from tvlens.stats import accuracy
+
+
+# --- the rule, against an independent implementation --------------------------------------
+
+def _rule(claims, runs):
+    """The rule as the report states it, written out again from its text."""
+    outcomes = []
+    for left, right in claims:
+        def side(run, name):
+            if isinstance(name, float):
+                return name, name, name
+            v = run[name]
+            return v["value"], v["ci_low"], v["ci_high"]
+
+        if len(runs) == 1:
+            (lv, ll, lh), (rv, rl, rh) = side(runs[0], left), side(runs[0], right)
+            lo, hi = ll - rh, lh - rl
+        else:
+            d = np.array([side(r, left)[0] - side(r, right)[0] for r in runs])
+            half = sps.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+            lo, hi = d.mean() - half, d.mean() + half
+        outcomes.append("holds" if lo > 0 else "fails" if hi < 0 else "unclear")
+    if all(o == "holds" for o in outcomes):
+        return outcomes, "reproduces"
+    if all(o == "fails" for o in outcomes):
+        return outcomes, "does not reproduce"
+    return outcomes, "partially" if "holds" in outcomes else "inconclusive"
+
+
+def test_verdicts_follow_the_stated_rule_on_random_numbers():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for trial in range(400):
+        n_seeds = int(rng.integers(1, 4))
+        runs = []
+        for _ in range(n_seeds):
+            run = {}
+            for name in ("a", "b", "c"):
+                v = float(rng.uniform(0, 1))
+                w = float(rng.uniform(0, 0.3))
+                run[name] = {"value": v, "ci_low": v - w, "ci_high": v + w, "n": 32}
+            runs.append(run)
+        pairs = [("a", "b"), ("b", 0.5), ("c", "a")][: int(rng.integers(1, 4))]
+        claims = [Claim(f"{left} > {right}", left, right) for left, right in pairs]
+        got = judge(claims, runs)
+        outcomes, expected = _rule(pairs, runs)
+        assert [c["outcome"] for c in got["claims"]] == outcomes
+        assert got["verdict"] == expected
+        seen.add(expected)
+    assert seen == {"reproduces", "partially", "does not reproduce", "inconclusive"}
+
+
+def test_rule_edge_cases():
+    assert outcome({"ci_low": 0.0, "ci_high": 0.2}) == "unclear"  # touching 0 is not clear of it
+    assert outcome({"ci_low": float("nan"), "ci_high": 1.0}) == "unclear"
+    assert verdict(["holds", "unclear"]) == "partially"
+    assert verdict(["unclear", "fails"]) == "inconclusive"
+    with pytest.raises(TvlensError, match="at least one claim"):
+        verdict([])
+    with pytest.raises(TvlensError, match="did not measure"):
+        judge([Claim("x > y", "x", "y")], [{"x": {"value": 1, "ci_low": 1, "ci_high": 1}}])
+
+
+def test_profile_layers_fit_any_depth(tiny):
+    assert resolve_layers(tiny, [0.0, 0.5, 1.0]) == [0, 1, 2]
+    assert resolve_layers(tiny, "middle_half") == [0, 1, 2]  # layers 3 // 4 … (3 · 3) // 4
+    assert resolve_layers(tiny, [0.49, 0.51]) == [1]  # fractions round to distinct layers
+
+
+# --- the engine, on a real (tiny) finding ---------------------------------------------------
+
+def _finding(calls: list, *, stop_at: int | None = None, n: int = 6) -> Finding:
+    """ICL vs zero-shot on the tiny model: a real measurement through tvlens.evaluate."""
+
+    def measure(ctx: Context) -> dict:
+        if stop_at is not None and ctx.seed == stop_at:
+            raise KeyboardInterrupt
+        calls.append((ctx.model_name, ctx.seed))
+        model, task = ctx.load(ctx.model_name)
+        zs = evaluate(model, task, n=ctx.settings["n"], seed=ctx.seed)
+        icl = evaluate(model, task, shots=3, n=ctx.settings["n"], seed=ctx.seed)
+        return {"values": {"zero_shot": value(zs.interval), "icl": value(icl.interval)},
+                "tables": {"scores": [{"condition": "zero-shot", "accuracy": zs.accuracy},
+                                      {"condition": "ICL", "accuracy": icl.accuracy}]}}
+
+    def figure(result):
+        import plotly.graph_objects as go
+
+        return go.Figure(go.Bar(x=list(result["values"]), y=[v["mean"] for v in result["values"].values()]))
+
+    return Finding("tiny-icl", "ICL on a tiny model", "ICL beats zero-shot.",
+                   {"icl": PaperValue(0.9, "a made-up paper value for the test")},
+                   (Claim("ICL beats zero-shot", "icl", "zero_shot"),),
+                   {"quick": {"n": n}, "full": {"n": 12}}, measure, figure)
+
+
+@pytest.fixture
+def loader(tiny, task):
+    return lambda name: (tiny, task)
+
+
+def test_parts_are_cached_resumed_and_never_silently_replaced(tmp_path, loader):
+    calls = []
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C while seed 1 runs
+        run_parts(tmp_path, [_finding(calls, stop_at=1)], ["tiny"], 2, "quick", load=loader)
+    part0 = tmp_path / "cache" / "tiny-icl" / "tiny" / "seed0.json"
+    assert calls == [("tiny", 0)] and part0.exists()
+    saved = json.loads(part0.read_text())
+    parts = run_parts(tmp_path, [_finding(calls)], ["tiny"], 2, "quick", load=loader)
+    assert calls == [("tiny", 0), ("tiny", 1)]  # only the missing seed ran
+    assert parts[("tiny-icl", "tiny")][0] == saved
+    run_parts(tmp_path, [_finding(calls)], ["tiny"], 2, "quick", load=loader)
+    assert len(calls) == 2  # a rerun with the same settings computes nothing
+    with pytest.raises(TvlensError, match="other settings \\(n\\).*--overwrite"):
+        run_parts(tmp_path, [_finding(calls, n=4)], ["tiny"], 2, "quick", load=loader)
+    assert json.loads(part0.read_text()) == saved  # refused: untouched
+    run_parts(tmp_path, [_finding(calls, n=4)], ["tiny"], 1, "quick", load=loader, overwrite=True)
+    kept = list(part0.parent.glob("seed0.superseded-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == saved
+    assert json.loads(part0.read_text())["settings"]["n"] == 4
+
+
+def test_report_numbers_verdicts_and_files(tmp_path, loader, tiny, task):
+    finding = _finding([])
+    parts = run_parts(tmp_path, [finding], ["tiny"], 2, "quick", load=loader)
+    report = assemble([finding], parts, models=["tiny"], seeds=2, profile="quick")
+    (r,) = report["results"]
+    by_seed = [evaluate(tiny, task, shots=3, n=6, seed=s).accuracy for s in (0, 1)]
+    assert r["values"]["icl"]["seeds"] == pytest.approx(by_seed)
+    assert r["values"]["icl"]["mean"] == pytest.approx(np.mean(by_seed))
+    assert r["verdict"] == _rule([("icl", "zero_shot")], [p["values"] for p in parts[("tiny-icl", "tiny")]])[1]
+    assert r["paper"]["values"]["icl"] == {"value": 0.9, "source": "a made-up paper value for the test"}
+    write_outputs(tmp_path, report, [finding], figures=False)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["results"][0]["verdict"] == r["verdict"] and "**holds** when the interval lies above 0" in saved["rule"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| tiny-icl |" in md and r["verdict"] in md
+    page = (tmp_path / "report.html").read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", page)  # offline: every script is inline
+    assert page.count("<script") >= 2  # plotly.js once, then the figure
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (the export dependency)")
+def test_report_html_renders_offline_in_headless_chromium(tmp_path, loader):
+    finding = _finding([])
+    parts = run_parts(tmp_path, [finding], ["tiny"], 1, "quick", load=loader)
+    report = assemble([finding], parts, models=["tiny"], seeds=1, profile="quick")
+    write_outputs(tmp_path, report, [finding], figures=False)
+    proc = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000", "--dump-dom",
+         (tmp_path / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120)
+    dom, log = proc.stdout, proc.stderr
+    assert 'class="summary"' in dom and "tiny-icl" in dom
+    assert 'class="main-svg"' in dom  # plotly's inlined JS ran and drew the figure
+    console_errors = [line for line in log.splitlines() if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
+    assert not console_errors, console_errors

@@ -1,0 +1,52 @@
+"""``tvlens reproduce``: regenerate the papers' findings into a report folder."""
+
+from __future__ import annotations
+
+import sys
+
+from tvlens.cli.common import add_json_arg, print_json, print_table
+
+
+def register(sub) -> None:
+    from tvlens.reproduce import FINDINGS, PROFILES
+
+    p = sub.add_parser("reproduce", help="regenerate every finding of the papers into a report",
+                       description="Run each finding on each model and seed (cached as it completes: "
+                                   "an interrupted run continues), judge it against the paper by the "
+                                   "rule stated in the report, and write DIR/report.{json,md,html} "
+                                   "and DIR/figures/.")
+    p.add_argument("--models", default="smollm2-135m", help="comma-separated embedded models "
+                   "(default smollm2-135m; also gemma-3-270m when installed)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per finding and model (default 1)")
+    p.add_argument("--profile", default="quick", choices=PROFILES,
+                   help="quick: minutes on a laptop; full: the real reproduction")
+    p.add_argument("--only", default=None, help=f"comma-separated finding ids: {', '.join(FINDINGS)}")
+    p.add_argument("--out", required=True, help="output folder (created; reused to resume)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace parts made with other settings (the old ones are kept aside)")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG/PDF export")
+    add_json_arg(p)
+    p.set_defaults(func=cmd_reproduce)
+
+
+def cmd_reproduce(args) -> int:
+    from tvlens.reproduce import reproduce
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        report = reproduce(args.out, models=models, seeds=args.seeds, profile=args.profile,
+                           only=args.only, overwrite=args.overwrite, figures=not args.no_figures,
+                           log=log)
+    except KeyboardInterrupt:
+        print(f"tvlens: interrupted; the finished parts are cached in {args.out}: rerun the same "
+              "command to continue", file=sys.stderr)
+        return 130
+    rows = [{"finding": r["finding"], "model": r["model"], "verdict": r["verdict"],
+             "seconds": sum(r["seconds"])} for r in report["results"]]
+    if args.json:
+        print_json({"out": args.out, "results": rows})
+    else:
+        print_table(rows)
+        print(f"report: {args.out}/report.html, report.json, report.md")
+    return 0

@@ -1,0 +1,587 @@
+"""The findings ``tvlens reproduce`` regenerates: what each paper claims, how we measure it.
+
+A :class:`Finding` has the paper's claim in words, the paper's numbers with their
+source, the comparisons its verdict is judged on (:mod:`tvlens.reproduce.verdicts`),
+the settings of each profile (``quick``: minutes on a laptop; ``full``: the real
+reproduction) and ``measure(ctx)``, which runs the finding for one model and seed through
+tvlens's public API only (``tvlens.evaluate``, ``tvlens.extract``, ``tvlens.learn``, ...),
+so the report exercises what users call. ``measure`` returns
+
+    {"values": {name: {"value", "ci_low", "ci_high", "n"}},   # what the claims compare
+     "tables": {name: [row, ...]},                              # for the report's tables
+     }
+
+Each value's interval is the one tvlens reports for it (bootstrap over items for
+accuracies, :func:`tvlens.stats.accuracy`; exact for rates logged without records).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tvlens.errors import TvlensError
+from tvlens.reproduce.verdicts import Claim
+from tvlens.stats import Accuracy, accuracy, proportion
+
+PROFILES = ("quick", "full")
+
+
+@dataclass(frozen=True)
+class PaperValue:
+    """A number a paper reports (``None``: the paper states the claim without a number we
+    can cite), with where it is from."""
+
+    value: float | None
+    source: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    id: str
+    title: str
+    paper: str  # the claim in the paper's words (paraphrased), with the paper
+    paper_values: dict[str, PaperValue]
+    claims: tuple[Claim, ...]
+    profiles: dict[str, dict[str, Any]]
+    measure: Callable[[Context], dict]
+    figure: Callable[[dict], Any] | None = None
+    synthetic: bool = False  # trains its own model from scratch: run once, not per model
+
+    def settings(self, profile: str) -> dict[str, Any]:
+        if profile not in self.profiles:
+            raise TvlensError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
+        return dict(self.profiles[profile])
+
+
+@dataclass
+class Context:
+    """What ``measure`` gets: the model (loaded once, shared by findings), the seed, the
+    profile's settings and a folder for artefacts findings share (trained vectors)."""
+
+    model_name: str
+    seed: int
+    settings: dict[str, Any]
+    artifacts: Path
+    load: Callable[[str], Any] = field(repr=False, default=None)
+
+    @property
+    def model(self):
+        return self.load(self.model_name)
+
+    def ltv(self, task, layer: int, **kw):
+        """The LTV for ``task`` at ``layer`` (trained once per settings, then loaded)."""
+        from tvlens.learn import learn_task_vector
+        from tvlens.vector import TaskVector
+
+        key = "-".join([task.name, f"L{layer}", f"seed{self.seed}"] +
+                       [f"{k}{v}" for k, v in sorted(kw.items())])
+        path = self.artifacts / f"ltv-{key}.safetensors"
+        if path.exists():
+            return TaskVector.load(path, self.model)
+        tv = learn_task_vector(self.model, task, layer, seed=self.seed, progress=False, **kw)
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        tv.save(path, overwrite=True)
+        return tv
+
+
+def value(acc: Accuracy) -> dict[str, float]:
+    return {"value": acc.value, "ci_low": acc.ci_low, "ci_high": acc.ci_high, "n": acc.n}
+
+
+def _scores(result) -> np.ndarray:
+    """Per-item first-token correctness of an :class:`~tvlens.evaluation.EvalResult`."""
+    return result.records["correct"].to_numpy(dtype=float)
+
+
+# --- hendel-table -------------------------------------------------------------------------
+
+def _hendel_table(ctx: Context) -> dict:
+    """Per task: the ICL task vector's layer is chosen on dev (``layer_sweep``), then
+    zero-shot, task vector and 5-shot ICL are scored on the same test items, per format.
+    The claim's values pool the tasks' items (equal ``n_test`` per task: the mean over
+    tasks), with the bootstrap interval over items."""
+    from tvlens import evaluate, layer_sweep, load_task
+
+    s, model = ctx.settings, ctx.model
+    rows, values = [], {}
+    for template in s["formats"]:
+        pooled: dict[str, list] = {"zero_shot": [], "task_vector": [], "icl": []}
+        for name in s["tasks"]:
+            task = load_task(name)
+            sweep = layer_sweep(model, task, "icl-tv", resolve_layers(model, s["layers"]),
+                                split="dev", n=s["n_dev"],
+                                template=template, seed=ctx.seed)
+            layer = sweep.best_layer
+            kw = dict(n=s["n_test"], seed=ctx.seed, template=template)
+            res = {"zero_shot": evaluate(model, task, **kw),
+                   "task_vector": evaluate(model, task, vector=sweep.vectors[layer], **kw),
+                   "icl": evaluate(model, task, shots=5, **kw)}
+            for k, r in res.items():
+                pooled[k].append(_scores(r))
+            rows.append({"format": template, "task": name, "layer": layer,
+                         **{k: r.accuracy for k, r in res.items()}, "n": res["icl"].n})
+        prefix = "" if template == s["formats"][0] else f"{template}:"
+        scores = {k: np.concatenate(v) for k, v in pooled.items()}
+        for k, v in scores.items():
+            values[prefix + k] = value(accuracy(v, seed=ctx.seed))
+        if not prefix:  # the midpoint of zero-shot and ICL, item by item
+            values["zero_shot_icl_midpoint"] = value(
+                accuracy((scores["zero_shot"] + scores["icl"]) / 2, seed=ctx.seed))
+    return {"values": values, "tables": {"per_task": rows}}
+
+
+def _hendel_figure(result: dict):
+    import plotly.graph_objects as go
+
+    from tvlens.plots import apply_theme
+
+    rows = [r for r in result["tables"]["per_task"] if r["format"] == result["settings"]["formats"][0]]
+    fig = go.Figure()
+    for key, label in (("zero_shot", "zero-shot"), ("task_vector", "ICL task vector"), ("icl", "ICL (5-shot)")):
+        fig.add_bar(name=label, x=[r["task"] for r in rows], y=[r[key] for r in rows])
+    fig.update_layout(barmode="group", yaxis_title="first-token accuracy", yaxis_range=[0, 1],
+                      title=f"Hendel's table on {result['model']} ({rows[0]['format'] if rows else ''} format)")
+    return apply_theme(fig)
+
+
+HENDEL = Finding(
+    id="hendel-table",
+    title="ICL task vectors (Hendel et al. 2023)",
+    paper=("Hendel et al. 2023: the residual at the last token of K-shot prompts, patched into a "
+           "zero-shot query at a middle layer, recovers most of ICL's accuracy (Hendel's prompt "
+           "format, `example: x-> y`)."),
+    paper_values={
+        "zero_shot": PaperValue(0.13, "Hendel et al. 2023, main results: mean over 18 tasks and "
+                                      "7 models (2.8B–30B); as summarised in tvlens's METHODS.md"),
+        "task_vector": PaperValue(0.74, "the same table"),
+        "icl": PaperValue(0.84, "the same table"),
+    },
+    claims=(Claim("the task vector beats zero-shot", "task_vector", "zero_shot"),
+            Claim("the task vector recovers more than half of ICL's gain over zero-shot",
+                  "task_vector", "zero_shot_icl_midpoint")),
+    profiles={
+        "quick": {"tasks": ["capitalize", "present_past", "antonym"], "formats": ["hendel", "arrow"],
+                  "layers": [0.5, 0.6, 0.7, 0.8], "n_dev": 16, "n_test": 32},
+        "full": {"tasks": ["capitalize", "uppercase", "first_letter", "singular_plural",
+                           "present_past", "antonym", "country_capital", "english_french",
+                           "english_spanish", "country_language"],
+                 "formats": ["hendel", "fv", "arrow"], "layers": "middle_half",
+                 "n_dev": 32, "n_test": 64},
+    },
+    measure=_hendel_table,
+    figure=_hendel_figure,
+)
+
+
+# --- ltv-vs-extracted --------------------------------------------------------------------
+
+def _base_layer(model) -> int:
+    """LTV Table 1's base layer: 16 of Llama-3.1-8B's 32, i.e. the middle (``L // 2``)."""
+    return int(model.cfg.n_layers) // 2
+
+
+def _ltv_vs_extracted(ctx: Context) -> dict:
+    """Per task and layer: an LTV (``learn_task_vector``, its config's defaults but for the
+    profile's ``ltv`` settings), the vanilla and ICL task vectors (``vanilla_task_vector``,
+    ``icl_task_vector``) and the function vector (``function_vector``, Todd's defaults; a
+    sum of head outputs, so one vector moved between layers), each scored on the same test
+    items in its own format. The claims compare them at the base layer, pooling tasks."""
+    from dataclasses import replace
+
+    from tvlens import evaluate, function_vector, icl_task_vector, load_task, vanilla_task_vector
+
+    s, model = ctx.settings, ctx.model
+    base = _base_layer(model)
+    layers = sorted(set(resolve_layers(model, s["layers"])) | {base})
+    rows, pooled = [], {}
+    for name in s["tasks"]:
+        task = load_task(name)
+        fv = function_vector(model, task, layer=base, seed=ctx.seed)
+        for layer in layers:
+            ltv = ctx.ltv(task, layer, **s["ltv"])
+            vectors = {"ltv": ltv, "vanilla": vanilla_task_vector(model, task, [layer], seed=ctx.seed),
+                       "icl_tv": icl_task_vector(model, task, [layer], seed=ctx.seed),
+                       "fv": replace(fv, layers=(layer,))}
+            for method, vec in vectors.items():
+                r = evaluate(model, task, vector=vec, n=s["n_test"], seed=ctx.seed)
+                rows.append({"task": name, "layer": layer, "method": method, "accuracy": r.accuracy,
+                             "ci_low": r.ci_low, "ci_high": r.ci_high, "n": r.n,
+                             "ltv_stopped": ltv.history.get("stopped") if method == "ltv" else ""})
+                if layer == base:
+                    pooled.setdefault(method, []).append(_scores(r))
+        kw = dict(n=s["n_test"], seed=ctx.seed, template=ltv.template)
+        for ref, shots in (("zero_shot", 0), ("icl", 5)):
+            r = evaluate(model, task, shots=shots, **kw)
+            pooled.setdefault(ref, []).append(_scores(r))
+            rows.append({"task": name, "layer": None, "method": ref, "accuracy": r.accuracy,
+                         "ci_low": r.ci_low, "ci_high": r.ci_high, "n": r.n, "ltv_stopped": ""})
+    values = {k: value(accuracy(np.concatenate(v), seed=ctx.seed)) for k, v in pooled.items()}
+    return {"values": values, "tables": {"by_layer": rows}, "extra": {"base_layer": base}}
+
+
+def _ltv_figure(result: dict):
+    import plotly.graph_objects as go
+
+    from tvlens.plots import apply_theme
+
+    rows = [r for r in result["tables"]["by_layer"] if r["layer"] is not None]
+    fig = go.Figure()
+    for method, label in (("ltv", "LTV"), ("icl_tv", "ICL task vector"), ("vanilla", "vanilla TV"),
+                          ("fv", "function vector")):
+        pts = [r for r in rows if r["method"] == method]
+        layers = sorted({r["layer"] for r in pts})
+        mean = [float(np.mean([r["accuracy"] for r in pts if r["layer"] == lay])) for lay in layers]
+        fig.add_scatter(x=layers, y=mean, mode="lines+markers", name=label)
+    for ref, label in (("icl", "ICL (5-shot)"), ("zero_shot", "zero-shot")):
+        if ref in result["values"]:
+            fig.add_hline(y=result["values"][ref]["mean"], line_dash="dot", annotation_text=label)
+    fig.update_layout(xaxis_title="layer", yaxis_title="accuracy (mean over tasks)",
+                      yaxis_range=[0, 1], title=f"Learned vs extracted vectors by layer ({result['model']})")
+    return apply_theme(fig)
+
+
+LTV_VS_EXTRACTED = Finding(
+    id="ltv-vs-extracted",
+    title="Learned vs extracted task vectors (Yang, Cho, et al. 2025)",
+    paper=("Yang, Cho, Ding, Inoue 2025 (LTV): a task vector trained by gradient descent at one "
+           "layer and the last position beats the vanilla task vector and the function vector "
+           "(Table 1, base configuration) and does so at every layer (Figure 2)."),
+    paper_values={
+        "ltv": PaperValue(0.835, "LTV paper, Table 1, base configuration (Llama-3.1-8B, layer "
+                                 "16, last position), mean accuracy"),
+        "vanilla": PaperValue(0.378, "the same table"),
+        "fv": PaperValue(0.373, "the same table"),
+    },
+    claims=(Claim("the LTV beats the vanilla task vector (base layer)", "ltv", "vanilla"),
+            Claim("the LTV beats the function vector (base layer)", "ltv", "fv")),
+    profiles={
+        "quick": {"tasks": ["capitalize"], "layers": [], "n_test": 24, "ltv": {"steps": 60}},
+        "full": {"tasks": ["antonym", "capitalize", "present_past", "country_capital"],
+                 "layers": [0.1, 0.3, 0.5, 0.7, 0.9], "n_test": 64, "ltv": {}},
+    },
+    measure=_ltv_vs_extracted,
+    figure=_ltv_figure,
+)
+
+
+# --- key-heads ----------------------------------------------------------------------------
+
+def _key_heads(ctx: Context) -> dict:
+    """An LTV at the base layer per task; ``key_head_analysis`` ranks the heads after it by
+    saliency, ablates the top ``percent`` % (zero and mean) against random sets drawn from
+    the same layers, and repeats the ablations on plain ICL prompts. Values pool the tasks'
+    prompts (each ablated accuracy's interval: bootstrap over prompts)."""
+    from tvlens import load_task
+    from tvlens.attribution import key_head_analysis
+
+    s, model = ctx.settings, ctx.model
+    layer = _base_layer(model)
+    pooled: dict[str, list] = {}
+    rows, histograms = [], {}
+    for name in s["tasks"]:
+        task = load_task(name)
+        tv = ctx.ltv(task, layer, **s["ltv"])
+        res = key_head_analysis(model, task, tv, percent=s["percent"], n=s["n"],
+                                random_control=s["random_control"], ground_truth=s["ground_truth"],
+                                seed=ctx.seed)
+        histograms[name] = res.layer_histogram
+        for setting, by_mode in (("vector", res.ablation), ("icl", res.icl or {})):
+            for mode, r in by_mode.items():
+                for cond in ("baseline", "ablated", "random"):
+                    acc = getattr(r, cond)
+                    key = f"{setting}_{cond}" if cond == "baseline" else f"{setting}_{cond}_{mode}"
+                    rows.append({"task": name, "setting": setting, "mode": mode, "condition": cond,
+                                 "accuracy": acc.value, "ci_low": acc.ci_low, "ci_high": acc.ci_high})
+                    if not (cond == "baseline" and mode != next(iter(by_mode))):
+                        pooled.setdefault(key, []).append(r.scores[cond])
+    values = {k: value(accuracy(np.concatenate(v), seed=ctx.seed)) for k, v in pooled.items()}
+    return {"values": values, "tables": {"ablations": _dedupe(rows)},
+            "extra": {"layer_histogram": histograms, "injection_layer": layer}}
+
+
+def _row_key(r: dict) -> str:
+    return (f"{r['setting']}_baseline" if r["condition"] == "baseline"
+            else f"{r['setting']}_{r['condition']}_{r['mode']}")
+
+
+def _dedupe(rows: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for r in rows:
+        k = (r["task"], _row_key(r))
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
+
+
+def _key_heads_figure(result: dict):
+    import plotly.graph_objects as go
+
+    from tvlens.plots import apply_theme
+
+    v = result["values"]
+    fig = go.Figure()
+    for setting, label in (("vector", "with the LTV"), ("icl", "plain 5-shot ICL")):
+        names = [f"{setting}_baseline", f"{setting}_ablated_zero", f"{setting}_random_zero",
+                 f"{setting}_ablated_mean", f"{setting}_random_mean"]
+        names = [n for n in names if n in v]
+        fig.add_bar(name=label, x=[n.split("_", 1)[1] for n in names], y=[v[n]["mean"] for n in names],
+                    error_y={"type": "data", "symmetric": False,
+                             "array": [v[n]["ci_high"] - v[n]["mean"] for n in names],
+                             "arrayminus": [v[n]["mean"] - v[n]["ci_low"] for n in names]})
+    fig.update_layout(barmode="group", yaxis_title="accuracy", yaxis_range=[0, 1.05],
+                      title=f"Key heads vs random heads (same layers), {result['model']}")
+    return apply_theme(fig)
+
+
+KEY_HEADS = Finding(
+    id="key-heads",
+    title="Key heads carry the learned vector (Yang, Cho, et al. 2025)",
+    paper=("LTV paper, mechanism section: ablating the 10% most salient heads drops the LTV's "
+           "accuracy from 83% to 51%, ablating a random 10% only to 78%; key heads sit just after "
+           "the injection layer and in the last layers."),
+    paper_values={
+        "vector_baseline": PaperValue(0.83, "LTV paper, key-head ablation (Llama-3.1-8B)"),
+        "vector_ablated_zero": PaperValue(0.51, "the same experiment (ablation type as in the paper)"),
+        "vector_random_zero": PaperValue(0.78, "the same experiment, random 10%"),
+    },
+    claims=(Claim("ablating key heads hurts the vector more than random heads (zero ablation)",
+                  "vector_random_zero", "vector_ablated_zero"),
+            Claim("ablating key heads lowers the vector's accuracy (zero ablation)",
+                  "vector_baseline", "vector_ablated_zero")),
+    profiles={
+        "quick": {"tasks": ["capitalize"], "percent": 10.0, "n": 24, "random_control": 3,
+                  "ground_truth": False, "ltv": {"steps": 60}},
+        "full": {"tasks": ["capitalize", "antonym", "present_past"], "percent": 10.0, "n": 48,
+                 "random_control": 10, "ground_truth": True, "ltv": {}},
+    },
+    measure=_key_heads,
+    figure=_key_heads_figure,
+)
+
+
+# --- ov-reinjection -----------------------------------------------------------------------
+
+def _ov_reinjection(ctx: Context) -> dict:
+    """An LTV at the base layer; ``reinjection_test`` re-injects its direct OV terms
+    (attention-weighted; packaged in the profile's form) and MLP terms (direct; total) at
+    every placement, with the two controls (θ minus its OV terms; θ with later attention
+    frozen at zero-shot patterns). Every accuracy on one prompt set, with its CI."""
+    from tvlens import load_task
+    from tvlens.attribution import reinjection_test
+
+    s, model = ctx.settings, ctx.model
+    task = load_task(s["task"])
+    tv = ctx.ltv(task, _base_layer(model), **s["ltv"])
+    res = reinjection_test(model, task, tv, n=s["n"], packaged=s["packaged"], seed=ctx.seed)
+    values = {k: value(a) for k, a in res.accuracies.items()}
+    rows = [{"condition": k, "accuracy": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high,
+             "recovery": res.recovery(k) if k not in ("zero_shot", "vector") else float("nan")}
+            for k, a in res.accuracies.items()]
+    return {"values": values, "tables": {"conditions": rows},
+            "extra": {"packaged": s["packaged"], "layer": res.layer}}
+
+
+def _ov_figure(result: dict):
+    import plotly.graph_objects as go
+
+    from tvlens.plots import apply_theme
+
+    rows = [r for r in result["tables"]["conditions"] if "@" in r["condition"]]
+    kinds = sorted({r["condition"].split("@")[0] for r in rows})
+    fig = go.Figure()
+    for kind in kinds:
+        pts = [r for r in rows if r["condition"].startswith(kind + "@")]
+        fig.add_bar(name=kind, x=[r["condition"].split("@")[1] for r in pts], y=[r["accuracy"] for r in pts])
+    for ref in ("vector", "zero_shot"):
+        if ref in result["values"]:
+            fig.add_hline(y=result["values"][ref]["mean"], line_dash="dot", annotation_text=ref)
+    fig.update_layout(barmode="group", xaxis_title="placement", yaxis_title="accuracy", yaxis_range=[0, 1.05],
+                      title=f"Re-injected path terms instead of θ ({result['model']})")
+    return apply_theme(fig)
+
+
+OV_REINJECTION = Finding(
+    id="ov-reinjection",
+    title="The learned vector acts through attention heads' OV circuits (Yang, Cho, et al. 2025)",
+    paper=("LTV paper, mechanism section: re-injecting the packaged OV effect of θ through the later "
+           "heads (attention weights dropped, the form of a function vector) recovers a large part of "
+           "the LTV's gain (~52% accuracy vs 83% for the full LTV and ~0% zero-shot), while the "
+           "analogous MLP-path reconstruction recovers little; the placement is not stated."),
+    paper_values={
+        "vector": PaperValue(0.83, "LTV paper, OV re-injection experiment (Llama-3.1-8B)"),
+        "ov_packaged@own": PaperValue(0.52, "the same experiment; its placement is not stated, "
+                                            "compared here at θ's own place"),
+    },
+    claims=(Claim("re-injecting the packaged OV terms in θ's place beats zero-shot",
+                  "ov_packaged@own", "zero_shot"),
+            Claim("the packaged OV path recovers more than the direct MLP path (same placement)",
+                  "ov_packaged@own", "mlp_direct@own")),
+    profiles={
+        "quick": {"task": "capitalize", "n": 24, "packaged": "unweighted", "ltv": {"steps": 60}},
+        "full": {"task": "capitalize", "n": 64, "packaged": "unweighted", "ltv": {}},
+    },
+    measure=_ov_reinjection,
+    figure=_ov_figure,
+)
+
+
+# --- rotation-scaling ---------------------------------------------------------------------
+
+def _rotation_scaling(ctx: Context) -> dict:
+    """LTVs at an early and a late layer (and any others the profile names); for each,
+    ``rotation_scaling`` fits ``W`` per prompt (the prompt held fixed for all copies) and
+    reports cos(θ, Qθ), ‖Sθ‖/‖θ‖ and held-out R² with intervals over prompts."""
+    from tvlens import load_task
+    from tvlens.attribution import rotation_scaling
+
+    s, model = ctx.settings, ctx.model
+    layers = resolve_layers(model, s["layers"])
+    task = load_task(s["task"])
+    values, rows = {}, []
+    for i, layer in enumerate(layers):
+        tv = ctx.ltv(task, layer, **s["ltv"])
+        res = rotation_scaling(model, task, tv, n_copies=s["n_copies"], n=s["n"],
+                               n_fit_prompts=s["n_fit_prompts"], seed=ctx.seed)
+        tag = "early" if i == 0 else "late" if i == len(layers) - 1 else f"layer{layer}"
+        for k in ("rotation_cos", "scale_ratio", "fit_r2"):
+            iv = res.intervals[k]
+            values[f"{k}_{tag}"] = value(iv)
+        row = {"layer": layer, **{k: res.intervals[k].value for k in ("rotation_cos", "scale_ratio", "fit_r2")},
+               "vector_accuracy": res.vector_accuracy, "linear_accuracy": res.linear_accuracy,
+               "zero_shot": res.zero_shot}
+        rows.append(row)
+    return {"values": values, "tables": {"by_layer": rows}}
+
+
+def _rotation_figure(result: dict):
+    import plotly.graph_objects as go
+
+    from tvlens.plots import apply_theme
+
+    rows = result["tables"]["by_layer"]
+    fig = go.Figure()
+    fig.add_scatter(x=[r["layer"] for r in rows], y=[r["rotation_cos"] for r in rows],
+                    mode="lines+markers", name="cos(θ, Qθ)")
+    fig.add_scatter(x=[r["layer"] for r in rows], y=[r["fit_r2"] for r in rows],
+                    mode="lines+markers", name="held-out R²")
+    fig.add_scatter(x=[r["layer"] for r in rows], y=[r["scale_ratio"] for r in rows],
+                    mode="lines+markers", name="‖Sθ‖/‖θ‖", yaxis="y2")
+    fig.update_layout(xaxis_title="injection layer", yaxis_title="cos / R²",
+                      yaxis2={"title": "scale", "overlaying": "y", "side": "right"},
+                      title=f"Rotation vs scaling of learned vectors ({result['model']})")
+    return apply_theme(fig)
+
+
+ROTATION = Finding(
+    id="rotation-scaling",
+    title="Early vectors are rotated, late ones scaled (Yang, Cho, et al. 2025)",
+    paper=("LTV paper, mechanism section: the final-layer change caused by θ injected at layer l "
+           "is a linear image W_l θ; in the polar decomposition W = QS, cos(θ, Qθ) is low for "
+           "early layers and approaches 1 for late ones (rotation early, scaling late)."),
+    paper_values={"rotation_cos_late": PaperValue(None, "read from the LTV paper's rotation figure: "
+                                                        "close to 1 at late layers (approximate)")},
+    claims=(Claim("rotation weakens with depth: cos(θ, Qθ) is higher late than early",
+                  "rotation_cos_late", "rotation_cos_early"),),
+    profiles={
+        "quick": {"task": "capitalize", "layers": [0.2, 0.8], "n_copies": 640, "n_fit_prompts": 2,
+                  "n": 16, "ltv": {"steps": 60}},
+        "full": {"task": "capitalize", "layers": [0.1, 0.3, 0.5, 0.7, 0.9], "n_copies": 2400,
+                 "n_fit_prompts": 4, "n": 32, "ltv": {}},
+    },
+    measure=_rotation_scaling,
+    figure=_rotation_figure,
+)
+
+
+# --- tvp ----------------------------------------------------------------------------------
+
+def _tvp(ctx: Context) -> dict:
+    """Trains the same seeded small transformer with and without the TVP loss
+    (``tvlens.emergence.compare``) and reads the accuracies it logs; their intervals are
+    exact (Clopper–Pearson) over the ``n_eval`` prompts each is measured on."""
+    from dataclasses import replace
+
+    from tvlens.emergence import compare, get_preset
+
+    cfg = replace(get_preset(ctx.settings["preset"]), seed=ctx.seed)
+    result = compare(cfg)
+    n, layer = cfg.n_eval, cfg.tvp_layer
+    values, rows = {}, []
+    for arm in ("with_tvp", "without_tvp"):
+        m = result[arm]
+        values[f"tv_at_layer_{arm}"] = value(proportion(m["tv_accuracy_by_layer"][layer], n))
+        values[f"ood_icl_{arm}"] = value(proportion(m["ood_icl_accuracy"], n))
+        values[f"long_context_icl_{arm}"] = value(proportion(m["long_context_icl_accuracy"], n))
+        values[f"icl_{arm}"] = value(proportion(m["icl_accuracy"], n))
+        rows += [{"arm": arm, "layer": i, "tv_accuracy": a} for i, a in enumerate(m["tv_accuracy_by_layer"])]
+    return {"values": values, "tables": {"tv_accuracy_by_layer": rows},
+            "extra": {"tvp_layer": layer, "chance": result["with_tvp"]["chance"]}}
+
+
+def _tvp_figure(result: dict):
+    import plotly.graph_objects as go
+
+    from tvlens.plots import apply_theme
+
+    fig = go.Figure()
+    rows = result["tables"]["tv_accuracy_by_layer"]
+    for arm, label in (("with_tvp", "with TVP loss"), ("without_tvp", "ICL loss only")):
+        pts = [r for r in rows if r["arm"] == arm]
+        fig.add_scatter(x=[r["layer"] for r in pts], y=[r["tv_accuracy"] for r in pts],
+                        mode="lines+markers", name=label)
+    fig.update_layout(xaxis_title="layer", yaxis_title="task-vector accuracy", yaxis_range=[0, 1],
+                      title="Task vectors by layer, trained from scratch")
+    return apply_theme(fig)
+
+
+TVP = Finding(
+    id="tvp",
+    title="Task-vector prompting loss (Yang, Lin, et al. 2025)",
+    paper=("Yang, Lin, Lee, Papailiopoulos, Nowak 2025: adding the TVP loss during training makes "
+           "strong, localised task vectors at the prescribed layer and improves ICL on "
+           "out-of-distribution prompts."),
+    paper_values={
+        "tv_at_layer_with_tvp": PaperValue(None, "qualitative claim (abstract; figures on "
+                                                 "synthetic tasks); no number is cited"),
+        "ood_icl_with_tvp": PaperValue(None, "qualitative claim (abstract)"),
+    },
+    claims=(Claim("TVP raises task-vector accuracy at the prescribed layer",
+                  "tv_at_layer_with_tvp", "tv_at_layer_without_tvp"),
+            Claim("TVP raises ICL accuracy on held-out tasks (OOD)", "ood_icl_with_tvp",
+                  "ood_icl_without_tvp")),
+    profiles={"quick": {"preset": "tiny"}, "full": {"preset": "default"}},
+    measure=_tvp,
+    figure=_tvp_figure,
+    synthetic=True,
+)
+
+
+FINDINGS: dict[str, Finding] = {f.id: f for f in (HENDEL, LTV_VS_EXTRACTED, OV_REINJECTION, KEY_HEADS,
+                                                  ROTATION, TVP)}
+
+
+def resolve_layers(model, layers) -> list[int]:
+    """A profile's layers for ``model``: ``"middle_half"`` (layers L/4 … 3L/4), or a list of
+    fractions of the depth (``0.5`` → layer ``round(0.5 · (L − 1))``), so one profile fits
+    models of any depth."""
+    n = int(model.cfg.n_layers)
+    if layers == "middle_half":
+        return list(range(n // 4, (3 * n) // 4 + 1))
+    return sorted({int(round(float(f) * (n - 1))) for f in layers})
+
+
+def get_findings(only: str | list[str] | None = None) -> list[Finding]:
+    """The findings to run, in report order (``only``: ids, comma-separated or a list)."""
+    if only is None:
+        return list(FINDINGS.values())
+    ids = [x.strip() for x in (only.split(",") if isinstance(only, str) else only) if x.strip()]
+    unknown = [x for x in ids if x not in FINDINGS]
+    if unknown:
+        raise TvlensError(f"unknown finding(s) {', '.join(unknown)}; use one of {', '.join(FINDINGS)}")
+    return [FINDINGS[x] for x in ids]

@@ -6,6 +6,7 @@
 #
 #   make lock         - re-resolve pyproject.toml's ranges and rewrite requirements.lock
 #                       (after editing dependencies in pyproject.toml; then run `make test`)
+#   make reproduce    - every finding of the papers into runs/reproduce (report.html/json/md)
 #   make test-latest  - the whole suite in .venv-latest, built with the newest versions
 #                       pyproject.toml allows (what a user installing today would get)
 
@@ -19,7 +20,7 @@ STAMP     := $(VENV)/.tvlens-installed
 LATEST    := .venv-latest
 PYTEST    := -m pytest -q -p no:cacheprovider
 
-.PHONY: demo test test-fast test-latest bench install lock check-lock clean-venv
+.PHONY: demo test test-fast test-latest bench reproduce install lock check-lock clean-venv
 
 install: check-lock $(STAMP)
 
@@ -48,6 +49,16 @@ demo: install
 
 test: install
 	$(PY) $(PYTEST)
+
+# Every finding of the papers, one report (docs/results/reproduce-quick.md is made by this):
+#   make reproduce                         quick profile, SmolLM2, into runs/reproduce
+#   make reproduce PROFILE=full MODELS=smollm2-135m,gemma-3-270m SEEDS=3 OUT=runs/full
+PROFILE   ?= quick
+MODELS    ?= smollm2-135m
+SEEDS     ?= 1
+OUT       ?= runs/reproduce
+reproduce: install
+	$(VENV)/bin/tvlens reproduce --profile $(PROFILE) --models $(MODELS) --seeds $(SEEDS) --out $(OUT)
 
 test-fast: install
 	$(PY) $(PYTEST) -m "not slow"

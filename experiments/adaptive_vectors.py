@@ -72,10 +72,12 @@ def icl_table(target, groups: dict, *, n: int | None, shots: int, template: str,
     for group, tasks in groups.items():
         for task in tasks:
             kw = dict(n=n, template=template, seed=seed, progress=False)
-            icl, zs = tvlens.evaluate(target, task, shots=shots, **kw), tvlens.evaluate(target, task, **kw)
+            icl = tvlens.evaluate(target, task, shots=shots, **kw)
+            zs = tvlens.evaluate(target, task, **kw)
             maj = majority_baseline(task, n, seed)
-            rows.append({"task": task.name, "group": group, "labels": len({y for _, y in task.pairs}),
-                         "n": icl.n, f"icl-{shots}": icl.accuracy,
+            rows.append({"task": task.name, "group": group,
+                         "labels": len({y for _, y in task.pairs}), "n": icl.n,
+                         f"icl-{shots}": icl.accuracy,
                          "icl_ci": f"[{icl.ci_low:.2f}, {icl.ci_high:.2f}]",
                          "zero-shot": zs.accuracy, "majority": maj.value,
                          "majority_ci": f"[{maj.ci_low:.2f}, {maj.ci_high:.2f}]"})
@@ -98,14 +100,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--icl-only", action="store_true",
                     help="only the learnability table (ICL / zero-shot / majority), no generator")
-    # TODO(lead): wire to tvlens.adaptive.recipe_config(args.recipe), passed as config= to
-    # make_generator and train_generator (with the step/batch flags then left to the recipe).
     ap.add_argument("--recipe", default=None, choices=("reference", "fast"),
-                    help="ATV training recipe (not wired yet; default: this script's settings)")
+                    help="an ATV training recipe (tvlens.adaptive.recipe_config) instead of this "
+                         "script's settings; --steps still caps the steps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.recipe is not None:
-        raise SystemExit("--recipe is not wired into this script yet; run without it")
 
     import tvlens
     from tvlens.adaptive import check_unseen, input_overlap, make_generator, train_generator
@@ -129,12 +128,20 @@ def main() -> None:
         write_json(out / "icl.json", {"args": vars(args), "template": ATVConfig().target_template,
                                       "table": icl.to_dict("records")})
         return
-    gen = make_generator(target, args.generator, position=args.position, seed=args.seed)
-    print(f"expansion parameters: {gen.expansion_parameters():,}")
     t0 = time.perf_counter()
-    hist = train_generator(target, gen, train_tasks, epochs=100, max_steps=args.steps,
-                           batch_size=args.batch_size, n_per_task=args.n_per_task, lr=args.lr,
-                           seed=args.seed, checkpoint_dir=out / "checkpoints")
+    if args.recipe is None:
+        gen = make_generator(target, args.generator, position=args.position, seed=args.seed)
+        hist = train_generator(target, gen, train_tasks, epochs=100, max_steps=args.steps,
+                               batch_size=args.batch_size, n_per_task=args.n_per_task, lr=args.lr,
+                               seed=args.seed, checkpoint_dir=out / "checkpoints")
+    else:
+        from tvlens.adaptive.config import recipe_config
+
+        cfg = recipe_config(args.recipe, seed=args.seed)
+        gen = make_generator(target, args.generator, config=cfg)
+        hist = train_generator(target, gen, train_tasks, config=cfg, max_steps=args.steps,
+                               checkpoint_dir=out / "checkpoints")
+    print(f"expansion parameters: {gen.expansion_parameters():,}")
     train_s = time.perf_counter() - t0
     gen.save(out / "generator", history=hist)
     k = max(1, len(hist["loss"]) // 5)
@@ -152,7 +159,8 @@ def main() -> None:
             overlap[t.name] = input_overlap([x for x, _ in t.test[:args.n]], seen)
             m = majority_baseline(t, args.n, args.seed)
             majority.append({"task": t.name, "group": group, "method": "majority",
-                             "accuracy": m.value, "ci_low": m.ci_low, "ci_high": m.ci_high, "n": m.n})
+                             "accuracy": m.value, "ci_low": m.ci_low, "ci_high": m.ci_high,
+                             "n": m.n})
     table = pd.concat([table, pd.DataFrame(majority)], ignore_index=True)
     table["input_overlap"] = table["task"].map(overlap)
     vectors, labels = generated_vectors(gen, train_tasks + unseen, n=12)

@@ -176,3 +176,51 @@ def test_report_html_renders_offline_in_headless_chromium(tmp_path, loader):
     assert 'class="main-svg"' in dom  # plotly's inlined JS ran and drew the figure
     console_errors = [line for line in log.splitlines() if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
     assert not console_errors, console_errors
+
+
+@pytest.mark.slow
+def test_quick_profile_on_smollm2_follows_the_rule(tmp_path, smol):
+    """The whole quick profile on the embedded model (the one slow reproduction test):
+    every finding has its paper values, our values with intervals, and a verdict that the
+    stated rule, written out again in :func:`_rule`, derives from its numbers; a rerun is
+    served from the cache."""
+    from tvlens.reproduce import FINDINGS, reproduce
+
+    report = reproduce(tmp_path, models=["smollm2-135m"], seeds=1, profile="quick", figures=False,
+                       progress=False)
+    assert {r["finding"] for r in report["results"]} == set(FINDINGS)
+    for r in report["results"]:
+        f = FINDINGS[r["finding"]]
+        assert r["model"] == ("synthetic" if f.synthetic else "smollm2-135m")
+        for name, v in r["values"].items():
+            assert v["ci_low"] <= v["mean"] + 1e-9 and v["mean"] <= v["ci_high"] + 1e-9, (r["finding"], name)
+        runs = [{k: {"value": v["seeds"][0], "ci_low": v["ci_low"], "ci_high": v["ci_high"]}
+                 for k, v in r["values"].items()}]
+        pairs = [(c.left, float(c.right) if not isinstance(c.right, str) else c.right) for c in f.claims]
+        outcomes, expected = _rule(pairs, runs)
+        assert [c["outcome"] for c in r["claims"]] == outcomes and r["verdict"] == expected, r["finding"]
+        assert set(r["paper"]["values"]) and all(p["source"] for p in r["paper"]["values"].values())
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert [r["verdict"] for r in saved["results"]] == [r["verdict"] for r in report["results"]]
+    again = reproduce(tmp_path, models=["smollm2-135m"], seeds=1, profile="quick", figures=False,
+                      progress=False)
+    assert [r["values"] for r in again["results"]] == [r["values"] for r in report["results"]]
+
+
+def test_a_method_that_refuses_a_model_is_reported_not_judged(tmp_path, loader):
+    def measure(ctx):
+        raise TvlensError("the OV decomposition cannot fold this model's post-attention norm")
+
+    finding = Finding("refuser", "A refusing finding", "-", {"x": PaperValue(None, "none")},
+                      (Claim("x > 0", "x", 0.0),), {"quick": {}, "full": {}}, measure)
+    parts = run_parts(tmp_path, [finding], ["tiny"], 1, "quick", load=loader)
+    report = assemble([finding], parts, models=["tiny"], seeds=1, profile="quick")
+    (r,) = report["results"]
+    assert r["verdict"] == "refused" and "post-attention norm" in r["refused"] and r["values"] == {}
+    write_outputs(tmp_path, report, [finding], figures=False)
+    assert "Refused on this model:** the OV decomposition" in (tmp_path / "report.md").read_text()
+    calls = []
+    finding2 = Finding("refuser", "A refusing finding", "-", {}, (), {"quick": {}, "full": {}},
+                       lambda ctx: calls.append(1))
+    run_parts(tmp_path, [finding2], ["tiny"], 1, "quick", load=loader)
+    assert calls == []  # the refusal is cached like any finished part

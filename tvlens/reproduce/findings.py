@@ -188,8 +188,8 @@ def _base_layer(model) -> int:
 def _ltv_vs_extracted(ctx: Context) -> dict:
     """Per task and layer: an LTV (``learn_task_vector``, its config's defaults but for the
     profile's ``ltv`` settings), the vanilla and ICL task vectors (``vanilla_task_vector``,
-    ``icl_task_vector``) and the function vector (``function_vector``, Todd's defaults; a
-    sum of head outputs, so one vector moved between layers), each scored on the same test
+    ``icl_task_vector``) and the function vector (``function_vector``, Todd's defaults but for
+    the profile's ``fv`` settings; a sum of head outputs, so one vector moved between layers), each scored on the same test
     items in its own format. The claims compare them at the base layer, pooling tasks."""
     from dataclasses import replace
 
@@ -201,7 +201,7 @@ def _ltv_vs_extracted(ctx: Context) -> dict:
     rows, pooled = [], {}
     for name in s["tasks"]:
         task = load_task(name)
-        fv = function_vector(model, task, layer=base, seed=ctx.seed)
+        fv = function_vector(model, task, layer=base, seed=ctx.seed, **s["fv"])
         for layer in layers:
             ltv = ctx.ltv(task, layer, **s["ltv"])
             vectors = {"ltv": ltv, "vanilla": vanilla_task_vector(model, task, [layer], seed=ctx.seed),
@@ -260,9 +260,10 @@ LTV_VS_EXTRACTED = Finding(
     claims=(Claim("the LTV beats the vanilla task vector (base layer)", "ltv", "vanilla"),
             Claim("the LTV beats the function vector (base layer)", "ltv", "fv")),
     profiles={
-        "quick": {"tasks": ["capitalize"], "layers": [], "n_test": 24, "ltv": {"steps": 60}},
+        "quick": {"tasks": ["capitalize"], "layers": [], "n_test": 24, "ltv": {"steps": 60},
+                  "fv": {"n_prompts": 32, "n_ie_prompts": 8}},
         "full": {"tasks": ["antonym", "capitalize", "present_past", "country_capital"],
-                 "layers": [0.1, 0.3, 0.5, 0.7, 0.9], "n_test": 64, "ltv": {}},
+                 "layers": [0.1, 0.3, 0.5, 0.7, 0.9], "n_test": 64, "ltv": {}, "fv": {}},
     },
     measure=_ltv_vs_extracted,
     figure=_ltv_figure,
@@ -362,6 +363,63 @@ KEY_HEADS = Finding(
     },
     measure=_key_heads,
     figure=_key_heads_figure,
+)
+
+
+# --- ltv-composition ----------------------------------------------------------------------
+
+def _composition(ctx: Context) -> dict:
+    """``tvlens.learn.experiments.composition``: LTVs for tasks A and B at the base layer, and
+    their sum on the composed task x ↦ B(A(x)); exact match (greedy, every token) beside
+    first-token accuracy, each single vector as a control."""
+    from tvlens.learn.experiments import composition
+
+    s, model = ctx.settings, ctx.model
+    df = composition(model, s["first"], s["second"], _base_layer(model), n=s["n"], seed=ctx.seed,
+                     progress=False, **s["ltv"])
+    names = {"zero-shot": "zero_shot", f"θ_{s['first']}": "first_alone",
+             f"θ_{s['second']}": "second_alone", f"θ_{s['first']} + θ_{s['second']}": "sum"}
+    values = {}
+    for row in df.to_dict(orient="records"):
+        key = names.get(row["name"], "icl" if row["name"].startswith("ICL") else row["name"])
+        values[f"{key}_exact"] = {"value": row["exact_match"], "ci_low": row["em_low"],
+                                  "ci_high": row["em_high"], "n": row["n"]}
+        values[f"{key}_first_token"] = {"value": row["accuracy"], "ci_low": row["ci_low"],
+                                        "ci_high": row["ci_high"], "n": row["n"]}
+    table = [{k: row[k] for k in ("name", "accuracy", "exact_match", "em_low", "em_high",
+                                   "shared_first_token")} for row in df.to_dict(orient="records")]
+    return {"values": values, "tables": {"conditions": table}}
+
+
+def _composition_figure(result: dict):
+    import plotly.graph_objects as go
+
+    from tvlens.plots import apply_theme
+
+    rows = result["tables"]["conditions"]
+    fig = go.Figure()
+    fig.add_bar(name="exact match", x=[r["name"] for r in rows], y=[r["exact_match"] for r in rows])
+    fig.add_bar(name="first token", x=[r["name"] for r in rows], y=[r["accuracy"] for r in rows])
+    fig.update_layout(barmode="group", yaxis_title="accuracy", yaxis_range=[0, 1.05],
+                      title=f"Adding two learned vectors on the composed task ({result['model']})")
+    return apply_theme(fig)
+
+
+COMPOSITION = Finding(
+    id="ltv-composition",
+    title="Learned vectors compose by addition (Yang, Cho, et al. 2025)",
+    paper=("LTV paper: vectors trained for two tasks can be added to perform the composed task."),
+    paper_values={"sum_exact": PaperValue(None, "qualitative claim; no number is cited")},
+    claims=(Claim("θ_A + θ_B beats θ_A alone on the composed task (exact match)", "sum_exact",
+                  "first_alone_exact"),
+            Claim("θ_A + θ_B beats θ_B alone on the composed task (exact match)", "sum_exact",
+                  "second_alone_exact")),
+    profiles={
+        "quick": {"first": "present_past", "second": "capitalize", "n": 24, "ltv": {"steps": 60}},
+        "full": {"first": "present_past", "second": "capitalize", "n": 64, "ltv": {}},
+    },
+    measure=_composition,
+    figure=_composition_figure,
 )
 
 
@@ -499,6 +557,107 @@ ROTATION = Finding(
 )
 
 
+# --- atv ----------------------------------------------------------------------------------
+
+def _atv(ctx: Context) -> dict:
+    """A generator (a copy of the profile's generator model) trained per recipe on the ATV
+    training suite (``tvlens.tasks.builtin.ATV_TRAIN_SUITE``), then ATV vs zero-shot vs ICL
+    on those tasks' test items and on the unseen suite (new tasks whose label words occur in
+    training, inputs disjoint: ``check_unseen`` refuses overlap), next to the majority-label
+    control. Values pool each group's items; every method is scored in the generator's
+    target format."""
+    from tvlens import evaluate, load_task
+    from tvlens.adaptive import make_generator, train_generator
+    from tvlens.adaptive.config import recipe_config
+    from tvlens.adaptive.training import check_unseen
+    from tvlens.tasks.builtin import ATV_TRAIN_SUITE, ATV_UNSEEN_SUITE
+
+    s, target = ctx.settings, ctx.model
+    train = [load_task(t) for t in ATV_TRAIN_SUITE]
+    unseen = [load_task(t) for t in ATV_UNSEEN_SUITE]
+    check_unseen(train, unseen)
+    pooled: dict[str, list] = {}
+    rows = []
+    for recipe in s["recipes"]:
+        cfg = recipe_config(recipe, seed=ctx.seed, **s["overrides"].get(recipe, {}))
+        gen = make_generator(target, s["generator"], config=cfg)
+        history = train_generator(target, gen, train, config=cfg, max_steps=s["max_steps"],
+                                  progress=False)
+        for group, tasks in (("in_domain", train), ("unseen", unseen)):
+            for task in tasks:
+                kw = dict(n=s["n"], template=gen.template, seed=ctx.seed, progress=False)
+                runs = {f"atv_{recipe}": evaluate(target, task, vector=gen, **kw)}
+                if recipe == s["recipes"][0]:
+                    runs.update(zero_shot=evaluate(target, task, **kw),
+                                icl=evaluate(target, task, shots=5, **kw))
+                for method, r in runs.items():
+                    pooled.setdefault(f"{method}_{group}", []).append(_scores(r))
+                    rows.append({"task": task.name, "group": group, "method": method,
+                                 "accuracy": r.accuracy, "ci_low": r.ci_low, "ci_high": r.ci_high,
+                                 "n": r.n, "train_steps": history.get("steps")})
+                if recipe == s["recipes"][0]:  # the control: always the commonest train label
+                    majority = _majority_scores(task, runs["zero_shot"])
+                    pooled.setdefault(f"majority_{group}", []).append(majority)
+                    rows.append({"task": task.name, "group": group, "method": "majority",
+                                 "accuracy": float(majority.mean()), "ci_low": float("nan"),
+                                 "ci_high": float("nan"), "n": len(majority), "train_steps": None})
+    values = {k: value(accuracy(np.concatenate(v), seed=ctx.seed)) for k, v in pooled.items()}
+    return {"values": values, "tables": {"per_task": rows}}
+
+
+def _majority_scores(task, result) -> np.ndarray:
+    """Per item of ``result`` (an EvalResult on ``task``): does the train split's most
+    frequent answer equal the item's answer? — what a label-emitting generator scores."""
+    from collections import Counter
+
+    label = Counter(y for _, y in task.train).most_common(1)[0][0]
+    return (result.records["target"].astype(str).str.strip() == label.strip()).to_numpy(dtype=float)
+
+
+def _atv_figure(result: dict):
+    import plotly.graph_objects as go
+
+    from tvlens.plots import apply_theme
+
+    v = result["values"]
+    fig = go.Figure()
+    methods = sorted({k.removesuffix("_in_domain").removesuffix("_unseen") for k in v})
+    for group, label in (("in_domain", "in-domain"), ("unseen", "unseen")):
+        names = [m for m in methods if f"{m}_{group}" in v]
+        fig.add_bar(name=label, x=names, y=[v[f"{m}_{group}"]["mean"] for m in names])
+    fig.update_layout(barmode="group", yaxis_title="accuracy", yaxis_range=[0, 1.05],
+                      title=f"Adaptive task vectors ({result['model']})")
+    return apply_theme(fig)
+
+
+ATV = Finding(
+    id="atv",
+    title="Adaptive task vectors (Kang et al. 2025)",
+    paper=("Kang et al. 2025: a small generator maps each query to per-layer vectors; trained on "
+           "20 tasks it reaches 62.1% in-domain and 63.4% on 5 unseen tasks whose answer formats "
+           "occur in training (Llama-3-8B), above zero-shot."),
+    paper_values={
+        "atv_fast_in_domain": PaperValue(0.621, "ATV paper, main table: in-domain average "
+                                                "(Llama-3-8B; its own recipe, not tvlens's fast one)"),
+        "atv_fast_unseen": PaperValue(0.634, "ATV paper, main table: unseen-task average (Llama-3-8B)"),
+    },
+    claims=(Claim("ATV beats zero-shot in-domain", "atv_fast_in_domain", "zero_shot_in_domain"),
+            Claim("ATV beats zero-shot on unseen tasks", "atv_fast_unseen", "zero_shot_unseen"),
+            Claim("ATV on unseen tasks beats always answering the commonest training label "
+                  "(a generator that only emits a seen label word)", "atv_fast_unseen",
+                  "majority_unseen")),
+    profiles={
+        "quick": {"generator": "smollm2-135m", "recipes": ["fast"], "overrides": {},
+                  "max_steps": 24, "n": 20},
+        "full": {"generator": "smollm2-135m", "recipes": ["fast", "reference"],
+                 "overrides": {"reference": {"epochs": 1, "n_per_task": 30}},
+                 "max_steps": None, "n": 60},
+    },
+    measure=_atv,
+    figure=_atv_figure,
+)
+
+
 # --- tvp ----------------------------------------------------------------------------------
 
 def _tvp(ctx: Context) -> dict:
@@ -562,8 +721,8 @@ TVP = Finding(
 )
 
 
-FINDINGS: dict[str, Finding] = {f.id: f for f in (HENDEL, LTV_VS_EXTRACTED, OV_REINJECTION, KEY_HEADS,
-                                                  ROTATION, TVP)}
+FINDINGS: dict[str, Finding] = {f.id: f for f in (HENDEL, LTV_VS_EXTRACTED, COMPOSITION, OV_REINJECTION,
+                                                  KEY_HEADS, ROTATION, ATV, TVP)}
 
 
 def resolve_layers(model, layers) -> list[int]:

@@ -11,7 +11,8 @@ from pathlib import Path
 from tvlens.io import write_json, write_text
 
 VERDICT_COLOURS = {"reproduces": "#1b7837", "partially": "#b8860b",
-                   "does not reproduce": "#b2182b", "inconclusive": "#636363"}
+                   "does not reproduce": "#b2182b", "inconclusive": "#636363",
+                   "refused": "#404040"}
 
 
 def _num(x, digits: int = 3) -> str:
@@ -84,6 +85,9 @@ def markdown(report: dict) -> str:
         out += [f"## {r['title']} — `{r['finding']}` on {r['model']}", "", f"**Paper.** {r['paper']['claim']}", ""]
         for name, pv in r["paper"]["values"].items():
             out.append(f"- paper `{name}`: {_num(pv['value'])} — {pv['source']}")
+        if r.get("refused"):
+            out += ["", f"**Refused on this model:** {r['refused']}", ""]
+            continue
         out += ["", f"**Verdict: {r['verdict']}.**", "",
                 _md_table(["claim", "difference [95% CI]", "outcome"], _claim_rows(r)), "",
                 _md_table(["value", "ours [95% CI]", "seeds", "paper"], _value_rows(r)), ""]
@@ -131,6 +135,7 @@ def to_html(report: dict, figures: dict[tuple[str, str], tuple[str, list[str]]])
 <section id="{esc(anchor)}">
 <h2>{esc(r['title'])} — <code>{esc(r['finding'])}</code> on {esc(r['model'])} {_verdict_cell(r['verdict'])}</h2>
 <p><b>Paper.</b> {esc(r['paper']['claim'])}</p><ul>{paper}</ul>
+{f"<p><b>Refused on this model:</b> {esc(r['refused'])}</p>" if r.get("refused") else ""}
 {_html_table(["claim", "difference [95% CI]", "outcome"], [[esc(c) for c in row] for row in _claim_rows(r)])}
 {_html_table(["value", "ours [95% CI]", "seeds", "paper"], [[esc(c) for c in row] for row in _value_rows(r)])}
 <div class="figure">{div}</div><p class="files">{links}</p>
@@ -173,7 +178,7 @@ def write_outputs(out: Path, report: dict, findings, *, figures: bool = True) ->
     (out / "figures").mkdir(exist_ok=True)
     for r in report["results"]:
         finding = by_id[r["finding"]]
-        if finding.figure is None:
+        if finding.figure is None or r.get("refused"):
             continue
         fig = finding.figure(r)
         files = []

@@ -100,7 +100,10 @@ def run_parts(out: Path, findings: Sequence[Finding], models: Sequence[str], see
                     ctx = Context(model, seed, finding.settings(profile),
                                   out / "artifacts" / model, load=loader)
                     start = time.perf_counter()
-                    measured = finding.measure(ctx)
+                    try:
+                        measured = finding.measure(ctx)
+                    except TvlensError as err:  # the method refuses this model: say why, go on
+                        measured = {"refused": str(err), "values": {}, "tables": {}}
                     part = {"key": key, "settings": settings, **measured,
                             "seconds": round(time.perf_counter() - start, 1),
                             "versions": versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -145,14 +148,17 @@ def assemble(findings: Sequence[Finding], parts: dict, *, models: Sequence[str],
     for finding in findings:
         for model in ([SYNTHETIC] if finding.synthetic else models):
             runs = parts[(finding.id, model)]
+            refused = next((r["refused"] for r in runs if "refused" in r), None)
             values = [r["values"] for r in runs]
-            judged = judge(finding.claims, values)
+            judged = ({"claims": [], "verdict": "refused"} if refused
+                      else judge(finding.claims, values))
             results.append({
                 "finding": finding.id, "title": finding.title, "model": model,
                 "paper": {"claim": finding.paper,
                           "values": {k: {"value": v.value, "source": v.source}
                                      for k, v in finding.paper_values.items()}},
-                "values": aggregate(values), "claims": judged["claims"], "verdict": judged["verdict"],
+                "values": {} if refused else aggregate(values), "claims": judged["claims"],
+                "verdict": judged["verdict"], "refused": refused,
                 "settings": finding.settings(profile), "seeds": list(range(len(runs))),
                 "tables": runs[0].get("tables", {}), "extra": runs[0].get("extra", {}),
                 "seconds": [r["seconds"] for r in runs],

@@ -17,6 +17,9 @@ The comparison **holds** when the interval lies above 0, **fails** when it lies 
 - ``does not reproduce``: every comparison fails;
 - ``partially``: at least one holds and at least one does not;
 - ``inconclusive``: none holds and at least one is unclear.
+
+A finding whose method refuses a model (e.g. the OV decomposition on Gemma-3's
+post-attention norms) is reported as ``refused``, with the method's reason, not judged.
 """
 
 from __future__ import annotations

@@ -100,8 +100,8 @@ def _finding(calls: list, *, stop_at: int | None = None, n: int = 6) -> Finding:
         zs = evaluate(model, task, n=ctx.settings["n"], seed=ctx.seed)
         icl = evaluate(model, task, shots=3, n=ctx.settings["n"], seed=ctx.seed)
         return {"values": {"zero_shot": value(zs.interval), "icl": value(icl.interval)},
-                "tables": {"scores": [{"condition": "zero-shot", "accuracy": zs.accuracy},
-                                      {"condition": "ICL", "accuracy": icl.accuracy}]}}
+                "tables": {"scores": [{"condition": "zero-shot", "accuracy": zs.accuracy, "n": zs.n},
+                                      {"condition": "ICL", "accuracy": icl.accuracy, "n": icl.n}]}}
 
     def figure(result):
         import plotly.graph_objects as go

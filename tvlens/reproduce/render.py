@@ -66,9 +66,10 @@ def _claim_rows(r: dict) -> list[list[str]]:
     return [[c["text"], _interval(c["difference"]), c["outcome"]] for c in r["claims"]]
 
 
-def _table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = list(rows[0]) if rows else []
-    return header, [[_num(row[h]) if isinstance(row[h], float) else row[h] for h in header] for row in rows]
+def _table_rows(rows: list[dict]) -> tuple[list[str], list[list]]:
+    header = list(dict.fromkeys(k for row in rows for k in row))  # every column any row has
+    return header, [[_num(row.get(h)) if isinstance(row.get(h), float) else row.get(h, "")
+                     for h in header] for row in rows]
 
 
 def markdown(report: dict) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from tvlens.errors import TvlensError
+from tvlens.reproduce import figures
 from tvlens.reproduce.verdicts import Claim
 from tvlens.stats import Accuracy, accuracy, proportion
 
@@ -135,20 +136,6 @@ def _hendel_table(ctx: Context) -> dict:
     return {"values": values, "tables": {"per_task": rows}}
 
 
-def _hendel_figure(result: dict):
-    import plotly.graph_objects as go
-
-    from tvlens.plots import apply_theme
-
-    rows = [r for r in result["tables"]["per_task"] if r["format"] == result["settings"]["formats"][0]]
-    fig = go.Figure()
-    for key, label in (("zero_shot", "zero-shot"), ("task_vector", "ICL task vector"), ("icl", "ICL (5-shot)")):
-        fig.add_bar(name=label, x=[r["task"] for r in rows], y=[r[key] for r in rows])
-    fig.update_layout(barmode="group", yaxis_title="first-token accuracy", yaxis_range=[0, 1],
-                      title=f"Hendel's table on {result['model']} ({rows[0]['format'] if rows else ''} format)")
-    return apply_theme(fig)
-
-
 HENDEL = Finding(
     id="hendel-table",
     title="ICL task vectors (Hendel et al. 2023)",
@@ -174,7 +161,7 @@ HENDEL = Finding(
                  "n_dev": 32, "n_test": 64},
     },
     measure=_hendel_table,
-    figure=_hendel_figure,
+    figure=figures.hendel_figure,
 )
 
 
@@ -224,27 +211,6 @@ def _ltv_vs_extracted(ctx: Context) -> dict:
     return {"values": values, "tables": {"by_layer": rows}, "extra": {"base_layer": base}}
 
 
-def _ltv_figure(result: dict):
-    import plotly.graph_objects as go
-
-    from tvlens.plots import apply_theme
-
-    rows = [r for r in result["tables"]["by_layer"] if r["layer"] is not None]
-    fig = go.Figure()
-    for method, label in (("ltv", "LTV"), ("icl_tv", "ICL task vector"), ("vanilla", "vanilla TV"),
-                          ("fv", "function vector")):
-        pts = [r for r in rows if r["method"] == method]
-        layers = sorted({r["layer"] for r in pts})
-        mean = [float(np.mean([r["accuracy"] for r in pts if r["layer"] == lay])) for lay in layers]
-        fig.add_scatter(x=layers, y=mean, mode="lines+markers", name=label)
-    for ref, label in (("icl", "ICL (5-shot)"), ("zero_shot", "zero-shot")):
-        if ref in result["values"]:
-            fig.add_hline(y=result["values"][ref]["mean"], line_dash="dot", annotation_text=label)
-    fig.update_layout(xaxis_title="layer", yaxis_title="accuracy (mean over tasks)",
-                      yaxis_range=[0, 1], title=f"Learned vs extracted vectors by layer ({result['model']})")
-    return apply_theme(fig)
-
-
 LTV_VS_EXTRACTED = Finding(
     id="ltv-vs-extracted",
     title="Learned vs extracted task vectors (Yang, Cho, et al. 2025)",
@@ -266,7 +232,7 @@ LTV_VS_EXTRACTED = Finding(
                  "layers": [0.1, 0.3, 0.5, 0.7, 0.9], "n_test": 64, "ltv": {}, "fv": {}},
     },
     measure=_ltv_vs_extracted,
-    figure=_ltv_figure,
+    figure=figures.ltv_figure,
 )
 
 
@@ -320,26 +286,6 @@ def _dedupe(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _key_heads_figure(result: dict):
-    import plotly.graph_objects as go
-
-    from tvlens.plots import apply_theme
-
-    v = result["values"]
-    fig = go.Figure()
-    for setting, label in (("vector", "with the LTV"), ("icl", "plain 5-shot ICL")):
-        names = [f"{setting}_baseline", f"{setting}_ablated_zero", f"{setting}_random_zero",
-                 f"{setting}_ablated_mean", f"{setting}_random_mean"]
-        names = [n for n in names if n in v]
-        fig.add_bar(name=label, x=[n.split("_", 1)[1] for n in names], y=[v[n]["mean"] for n in names],
-                    error_y={"type": "data", "symmetric": False,
-                             "array": [v[n]["ci_high"] - v[n]["mean"] for n in names],
-                             "arrayminus": [v[n]["mean"] - v[n]["ci_low"] for n in names]})
-    fig.update_layout(barmode="group", yaxis_title="accuracy", yaxis_range=[0, 1.05],
-                      title=f"Key heads vs random heads (same layers), {result['model']}")
-    return apply_theme(fig)
-
-
 KEY_HEADS = Finding(
     id="key-heads",
     title="Key heads carry the learned vector (Yang, Cho, et al. 2025)",
@@ -362,7 +308,7 @@ KEY_HEADS = Finding(
                  "random_control": 10, "ground_truth": True, "ltv": {}},
     },
     measure=_key_heads,
-    figure=_key_heads_figure,
+    figure=figures.key_heads_figure,
 )
 
 
@@ -391,20 +337,6 @@ def _composition(ctx: Context) -> dict:
     return {"values": values, "tables": {"conditions": table}}
 
 
-def _composition_figure(result: dict):
-    import plotly.graph_objects as go
-
-    from tvlens.plots import apply_theme
-
-    rows = result["tables"]["conditions"]
-    fig = go.Figure()
-    fig.add_bar(name="exact match", x=[r["name"] for r in rows], y=[r["exact_match"] for r in rows])
-    fig.add_bar(name="first token", x=[r["name"] for r in rows], y=[r["accuracy"] for r in rows])
-    fig.update_layout(barmode="group", yaxis_title="accuracy", yaxis_range=[0, 1.05],
-                      title=f"Adding two learned vectors on the composed task ({result['model']})")
-    return apply_theme(fig)
-
-
 COMPOSITION = Finding(
     id="ltv-composition",
     title="Learned vectors compose by addition (Yang, Cho, et al. 2025)",
@@ -419,7 +351,7 @@ COMPOSITION = Finding(
         "full": {"first": "present_past", "second": "capitalize", "n": 64, "ltv": {}},
     },
     measure=_composition,
-    figure=_composition_figure,
+    figure=figures.composition_figure,
 )
 
 
@@ -445,25 +377,6 @@ def _ov_reinjection(ctx: Context) -> dict:
             "extra": {"packaged": s["packaged"], "layer": res.layer}}
 
 
-def _ov_figure(result: dict):
-    import plotly.graph_objects as go
-
-    from tvlens.plots import apply_theme
-
-    rows = [r for r in result["tables"]["conditions"] if "@" in r["condition"]]
-    kinds = sorted({r["condition"].split("@")[0] for r in rows})
-    fig = go.Figure()
-    for kind in kinds:
-        pts = [r for r in rows if r["condition"].startswith(kind + "@")]
-        fig.add_bar(name=kind, x=[r["condition"].split("@")[1] for r in pts], y=[r["accuracy"] for r in pts])
-    for ref in ("vector", "zero_shot"):
-        if ref in result["values"]:
-            fig.add_hline(y=result["values"][ref]["mean"], line_dash="dot", annotation_text=ref)
-    fig.update_layout(barmode="group", xaxis_title="placement", yaxis_title="accuracy", yaxis_range=[0, 1.05],
-                      title=f"Re-injected path terms instead of θ ({result['model']})")
-    return apply_theme(fig)
-
-
 OV_REINJECTION = Finding(
     id="ov-reinjection",
     title="The learned vector acts through attention heads' OV circuits (Yang, Cho, et al. 2025)",
@@ -485,7 +398,7 @@ OV_REINJECTION = Finding(
         "full": {"task": "capitalize", "n": 64, "packaged": "unweighted", "ltv": {}},
     },
     measure=_ov_reinjection,
-    figure=_ov_figure,
+    figure=figures.ov_figure,
 )
 
 
@@ -517,25 +430,6 @@ def _rotation_scaling(ctx: Context) -> dict:
     return {"values": values, "tables": {"by_layer": rows}}
 
 
-def _rotation_figure(result: dict):
-    import plotly.graph_objects as go
-
-    from tvlens.plots import apply_theme
-
-    rows = result["tables"]["by_layer"]
-    fig = go.Figure()
-    fig.add_scatter(x=[r["layer"] for r in rows], y=[r["rotation_cos"] for r in rows],
-                    mode="lines+markers", name="cos(θ, Qθ)")
-    fig.add_scatter(x=[r["layer"] for r in rows], y=[r["fit_r2"] for r in rows],
-                    mode="lines+markers", name="held-out R²")
-    fig.add_scatter(x=[r["layer"] for r in rows], y=[r["scale_ratio"] for r in rows],
-                    mode="lines+markers", name="‖Sθ‖/‖θ‖", yaxis="y2")
-    fig.update_layout(xaxis_title="injection layer", yaxis_title="cos / R²",
-                      yaxis2={"title": "scale", "overlaying": "y", "side": "right"},
-                      title=f"Rotation vs scaling of learned vectors ({result['model']})")
-    return apply_theme(fig)
-
-
 ROTATION = Finding(
     id="rotation-scaling",
     title="Early vectors are rotated, late ones scaled (Yang, Cho, et al. 2025)",
@@ -553,7 +447,7 @@ ROTATION = Finding(
                  "n_fit_prompts": 4, "n": 32, "ltv": {}},
     },
     measure=_rotation_scaling,
-    figure=_rotation_figure,
+    figure=figures.rotation_figure,
 )
 
 
@@ -614,22 +508,6 @@ def _majority_scores(task, result) -> np.ndarray:
     return (result.records["target"].astype(str).str.strip() == label.strip()).to_numpy(dtype=float)
 
 
-def _atv_figure(result: dict):
-    import plotly.graph_objects as go
-
-    from tvlens.plots import apply_theme
-
-    v = result["values"]
-    fig = go.Figure()
-    methods = sorted({k.removesuffix("_in_domain").removesuffix("_unseen") for k in v})
-    for group, label in (("in_domain", "in-domain"), ("unseen", "unseen")):
-        names = [m for m in methods if f"{m}_{group}" in v]
-        fig.add_bar(name=label, x=names, y=[v[f"{m}_{group}"]["mean"] for m in names])
-    fig.update_layout(barmode="group", yaxis_title="accuracy", yaxis_range=[0, 1.05],
-                      title=f"Adaptive task vectors ({result['model']})")
-    return apply_theme(fig)
-
-
 ATV = Finding(
     id="atv",
     title="Adaptive task vectors (Kang et al. 2025)",
@@ -654,7 +532,7 @@ ATV = Finding(
                  "max_steps": None, "n": 60},
     },
     measure=_atv,
-    figure=_atv_figure,
+    figure=figures.atv_figure,
 )
 
 
@@ -683,22 +561,6 @@ def _tvp(ctx: Context) -> dict:
             "extra": {"tvp_layer": layer, "chance": result["with_tvp"]["chance"]}}
 
 
-def _tvp_figure(result: dict):
-    import plotly.graph_objects as go
-
-    from tvlens.plots import apply_theme
-
-    fig = go.Figure()
-    rows = result["tables"]["tv_accuracy_by_layer"]
-    for arm, label in (("with_tvp", "with TVP loss"), ("without_tvp", "ICL loss only")):
-        pts = [r for r in rows if r["arm"] == arm]
-        fig.add_scatter(x=[r["layer"] for r in pts], y=[r["tv_accuracy"] for r in pts],
-                        mode="lines+markers", name=label)
-    fig.update_layout(xaxis_title="layer", yaxis_title="task-vector accuracy", yaxis_range=[0, 1],
-                      title="Task vectors by layer, trained from scratch")
-    return apply_theme(fig)
-
-
 TVP = Finding(
     id="tvp",
     title="Task-vector prompting loss (Yang, Lin, et al. 2025)",
@@ -716,7 +578,7 @@ TVP = Finding(
                   "ood_icl_without_tvp")),
     profiles={"quick": {"preset": "tiny"}, "full": {"preset": "default"}},
     measure=_tvp,
-    figure=_tvp_figure,
+    figure=figures.tvp_figure,
     synthetic=True,
 )
 

@@ -7,6 +7,8 @@
 #   make lock         - re-resolve pyproject.toml's ranges and rewrite requirements.lock
 #                       (after editing dependencies in pyproject.toml; then run `make test`)
 #   make reproduce    - every finding of the papers into runs/reproduce (report.html/json/md)
+#   make pages        - docs/results/*.md and the README's results table from the committed reports
+#   make notebooks    - execute notebooks/*.ipynb on the embedded model, saved with their outputs
 #   make test-latest  - the whole suite in .venv-latest, built with the newest versions
 #                       pyproject.toml allows (what a user installing today would get)
 
@@ -20,7 +22,7 @@ STAMP     := $(VENV)/.tvlens-installed
 LATEST    := .venv-latest
 PYTEST    := -m pytest -q -p no:cacheprovider
 
-.PHONY: demo test test-fast test-latest bench reproduce install lock check-lock clean-venv
+.PHONY: demo test test-fast test-latest bench reproduce pages notebooks install lock check-lock clean-venv
 
 install: check-lock $(STAMP)
 
@@ -50,7 +52,7 @@ demo: install
 test: install
 	$(PY) $(PYTEST)
 
-# Every finding of the papers, one report (docs/results/reproduce-quick.md is made by this):
+# Every finding of the papers, one report (docs/results/reports/quick.md is made by this):
 #   make reproduce                         quick profile, SmolLM2, into runs/reproduce
 #   make reproduce PROFILE=full MODELS=smollm2-135m,gemma-3-270m SEEDS=3 OUT=runs/full
 PROFILE   ?= quick
@@ -59,6 +61,17 @@ SEEDS     ?= 1
 OUT       ?= runs/reproduce
 reproduce: install
 	$(VENV)/bin/tvlens reproduce --profile $(PROFILE) --models $(MODELS) --seeds $(SEEDS) --out $(OUT)
+
+# The results pages and the README's table, from the committed reports listed (in the order
+# the pages show them) in docs/results/reports/index.txt; tests/test_pages.py checks them.
+REPORTS   := $(addprefix docs/results/reports/,$(shell cat docs/results/reports/index.txt))
+pages: install
+	$(VENV)/bin/tvlens pages $(REPORTS) --out docs/results --readme README.md
+
+# Execute every notebook on the embedded model with its own parameters and save it with its
+# outputs (the committed state; tests check it, and run each notebook again with smaller sizes)
+notebooks: install
+	$(PY) scripts/notebooks.py
 
 test-fast: install
 	$(PY) $(PYTEST) -m "not slow"

@@ -4,7 +4,7 @@
     python experiments/learned_vectors.py sweep --tasks antonym --layers 3,9,15,21,27
     python experiments/learned_vectors.py compose --steps 40
 
-Each part prints a Markdown table (copied into docs/results/learned.md) and writes JSON
+Each part prints a Markdown table (copied into docs/results/history/learned.md) and writes JSON
 (and the sweep figure) under --out.
 """
 

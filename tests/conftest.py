@@ -138,3 +138,41 @@ def shared_data():
         pytest.skip(f"../shared/data/function_vectors not found at {SHARED_DATA} (only in CI "
                     "and developer checkouts; the package does not need it)")
     return SHARED_DATA
+
+
+def tiny_hf_gemma(task, gemma3: bool = False):
+    """A random 3-layer GQA Hugging Face Gemma (v1; or Gemma-3 with ``gemma3``) under a
+    TransformerBridge: RMSNorm that multiplies by 1 + w (``cfg.rmsnorm_uses_offset``); v1
+    has no post-block norms, Gemma-3 has ``ln1_post`` / ``ln2_post``. Norm weights drawn
+    N(0, 0.5²) so that w and 1 + w differ everywhere."""
+    import warnings
+
+    import transformers
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    from tvlens.models import prepare_bridge
+    from tvlens.models.word_tokenizer import word_tokenizer
+
+    tok = word_tokenizer([f"{x} -> {y}\nQ: {x}\nA: {y}\n\n" for x, y in task.pairs])
+    arch = "Gemma3ForCausalLM" if gemma3 else "GemmaForCausalLM"
+    Config = transformers.Gemma3TextConfig if gemma3 else transformers.GemmaConfig
+    cfg = Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                 max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    hf = getattr(transformers, arch)(cfg).eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_bridge(build_bridge_from_module(hf, arch, hf_config=cfg, tokenizer=tok,
+                                                       model_name=f"tiny-{arch}"))
+
+
+@pytest.fixture
+def make_hf_gemma():
+    """:func:`tiny_hf_gemma`, for tests that need a Gemma-shaped model (offset norms; with
+    ``gemma3=True`` post-attention / post-MLP norms too)."""
+    return tiny_hf_gemma

@@ -567,42 +567,13 @@ def test_packaged_forms_and_weighted_terms_agree(tiny, task):
     assert (un.packaged - ma.packaged).abs().max() > 1e-3
 
 
-def _tiny_hf_gemma(task, gemma3: bool = False):
-    """A random 3-layer GQA Hugging Face Gemma (v1; or Gemma-3 with ``gemma3``) under a
-    TransformerBridge: RMSNorm that multiplies by 1 + w (``cfg.rmsnorm_uses_offset``); v1
-    has no post-block norms, Gemma-3 has ``ln1_post`` / ``ln2_post``. Norm weights drawn
-    N(0, 0.5²) so that w and 1 + w differ everywhere."""
-    import warnings
-
-    import transformers
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
-
-    from tvlens.models import prepare_bridge
-    from tvlens.models.word_tokenizer import word_tokenizer
-
-    tok = word_tokenizer([f"{x} -> {y}\nQ: {x}\nA: {y}\n\n" for x, y in task.pairs])
-    arch = "Gemma3ForCausalLM" if gemma3 else "GemmaForCausalLM"
-    Config = transformers.Gemma3TextConfig if gemma3 else transformers.GemmaConfig
-    cfg = Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                 max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
-                 bos_token_id=1, eos_token_id=2, attn_implementation="eager")
-    hf = getattr(transformers, arch)(cfg).eval()
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if "norm" in name:
-                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return prepare_bridge(build_bridge_from_module(hf, arch, hf_config=cfg, tokenizer=tok,
-                                                       model_name=f"tiny-{arch}"))
 
 
-def test_ov_and_mlp_terms_fold_the_rmsnorm_offset(task):
+def test_ov_and_mlp_terms_fold_the_rmsnorm_offset(task, make_hf_gemma):
     """A norm that multiplies by 1 + w (Gemma; cfg.rmsnorm_uses_offset): the OV terms sum back
     to the attention output, the frozen-pattern term is the head's output change, and the
     direct MLP term is the MLP change with everything else frozen (the raw w would fail)."""
-    gemma = _tiny_hf_gemma(task)
+    gemma = make_hf_gemma(task)
     ln1 = gemma.blocks[1].ln1
     assert gemma.cfg.rmsnorm_uses_offset and torch.equal(norm_weight(gemma, ln1), 1 + ln1.weight.detach())
     batch = _batch(gemma, task)
@@ -655,7 +626,7 @@ def test_controls_subtract_the_ov_terms_and_freeze_the_patterns(tiny, task):
     assert (want - _last_logits(tiny, batch, vec0)).abs().max() > 1e-4
 
 
-def test_bad_reinjection_input(tiny, task):
+def test_bad_reinjection_input(tiny, task, make_hf_gemma):
     batch = _batch(tiny, task)
     vec = _vec(tiny, 0)
     terms = path_terms(tiny, batch, vec)
@@ -669,7 +640,7 @@ def test_bad_reinjection_input(tiny, task):
         path_terms(tiny, batch, vec, packaged="paper")
     with pytest.raises(TvlensError, match="other prompts"):
         _last_logits(tiny, _batch(tiny, task, n=4, shots=1), Reinjection(terms, "mlp_direct"))
-    gemma3 = _tiny_hf_gemma(task, gemma3=True)  # post-attention / post-MLP norms: refused
+    gemma3 = make_hf_gemma(task, gemma3=True)  # post-attention / post-MLP norms: refused
     with pytest.raises(TvlensError, match="post-sublayer norms.*ln1_post"):
         path_terms(gemma3, _batch(gemma3, task), _vec(gemma3, 0))
 

@@ -11,11 +11,13 @@ from tvlens import TvlensError, evaluate, make_examples, tokenize
 from tvlens.extract import (
     extract,
     function_vector,
+    fv_from_heads,
     icl_task_vector,
     indirect_effects,
     indirect_effects_loop,
     layer_sweep,
     mean_head_outputs,
+    post_norm_scales,
     query_pool,
     shuffled_prompts,
     vanilla_task_vector,
@@ -298,6 +300,30 @@ def test_fv_of_a_whole_layer_is_its_mean_attention_output(tiny, task):
     examples = make_examples(sample_queries(task, 4, seed=0, shots=3), task.train, shots=3, seed=0)
     oracle = _one_by_one(tiny, examples, get_template("qa"), "blocks.1.hook_attn_out").mean(0)
     torch.testing.assert_close(fv.vectors[0, 0], oracle, atol=1e-5, rtol=1e-5)
+
+
+def test_fv_folds_gemma3s_post_attention_norm(task, make_hf_gemma):
+    """Gemma-3 normalises the attention output (``ln1_post``, gain 1 + w) before the residual
+    add. With every head of layer 1 selected and one clean prompt, the folded FV is exactly
+    what that layer's attention adds to the residual: ``ln1_post``'s output at the last
+    token (float32, same ops in another order: 1e-5). The unfolded sum (Todd's ``out_proj``
+    rule) is its input — a different vector — and fv_from_heads refuses to build it silently."""
+    gemma = make_hf_gemma(task, gemma3=True)
+    kw = dict(pool=task.train, shots=3, n_prompts=1, template="qa")
+    mz = mean_head_outputs(gemma, task, **kw)
+    aie = torch.full((3, 4), -1.0)
+    aie[1] = 1.0  # top-4 heads = all heads of layer 1
+    fv = function_vector(gemma, task, k=4, layer=0, shots=3, n_prompts=1, mean_z=mz, aie=aie,
+                         bias="per_layer", query_split="train", icl_filter=False, template="qa")
+    examples = make_examples(sample_queries(task, 1, seed=0, shots=3), task.train, shots=3, seed=0)
+    added = _one_by_one(gemma, examples, get_template("qa"), "blocks.1.ln1_post.hook_out").mean(0)
+    torch.testing.assert_close(fv.vectors[0, 0], added, atol=1e-5, rtol=1e-5)
+    raw = _one_by_one(gemma, examples, get_template("qa"), "blocks.1.ln1_post.hook_in").mean(0)
+    assert (raw - added).norm() > 0.1 * added.norm()
+    scale = post_norm_scales(gemma, task, **kw)
+    assert scale.shape == (3,) and fv.history["post_norm_scales"] == pytest.approx(scale.tolist())
+    with pytest.raises(TvlensError, match="post_scales=post_norm_scales"):
+        fv_from_heads(gemma, mz, [(1, 0)])
 
 
 def test_bad_input(tiny, task):

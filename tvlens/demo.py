@@ -48,7 +48,7 @@ def run_demo(model, *, task_name: str = "capitalize", shots: int = 5, n_test: in
 
     The default template is Todd et al.'s ``"Q: {x}\nA: {y}"``: on SmolLM2-135M the ICL
     task vector for ``capitalize`` reaches ~0.85 with it and ~0.1 with ``"{x} -> {y}"``
-    (measured; see docs/results/extracted.md).
+    (measured; see docs/results/history/extracted.md).
     """
     start = time.perf_counter()
     out = Path(out_dir)

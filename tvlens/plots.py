@@ -76,6 +76,30 @@ def export(fig: go.Figure, path: str | Path, *, scale: float = 2.0) -> Path:
     return atomic_write(path, write, suffix=suffix)
 
 
+NOTEBOOK_RENDERER = "tvlens_notebook"
+
+
+def static_figures_in_notebooks() -> str:
+    """Make plotly show each figure in a notebook both interactively (plotly's JSON, for
+    Jupyter) and as a PNG through :func:`export`'s offline path (what GitHub and other
+    static viewers of a committed notebook display). Sets ``pio.renderers.default`` to
+    :data:`NOTEBOOK_RENDERER` — a deliberate, global choice, so only on request — and
+    returns the renderer's name. Needs kaleido and Chromium, as static export does."""
+    import base64
+
+    from plotly.io.base_renderers import MimetypeRenderer
+
+    class _JsonAndPng(MimetypeRenderer):
+        def to_mimebundle(self, fig_dict):
+            bundle = pio.renderers["plotly_mimetype"].to_mimebundle(fig_dict)
+            png = _static_bytes(go.Figure(fig_dict), "png", 1.0)
+            return {**bundle, "image/png": base64.b64encode(png).decode("ascii")}
+
+    pio.renderers[NOTEBOOK_RENDERER] = _JsonAndPng()
+    pio.renderers.default = NOTEBOOK_RENDERER
+    return NOTEBOOK_RENDERER
+
+
 def _static_bytes(fig: go.Figure, fmt: str, scale: float) -> bytes:
     """``fig`` as ``fmt`` bytes through kaleido, with MathJax off for this call only.
 

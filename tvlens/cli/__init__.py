@@ -23,7 +23,7 @@ COMMAND_MODULES = (
     attribute,  # attribute, ablate-heads
     adaptive,   # adaptive train|evaluate
     tvp,        # tvp train|compare
-    reproduce,  # reproduce (every finding, one report)
+    reproduce,  # reproduce (every finding, one report), pages (results pages from reports)
 )
 
 

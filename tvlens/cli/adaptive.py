@@ -22,7 +22,7 @@ each; ``target_template`` is spelt ``--template``, as in every verb) on top of a
   ``--n-per-task`` / ``--max-steps``.
 
 ``fast`` is the default because the reference schedule is ~50× more target forwards; the
-measured accuracies of both are in docs/results/adaptive.md and
+measured accuracies of both are in docs/results/history/adaptive.md and
 ``benchmarks/bench_adaptive.py --recipes``.
 """
 

@@ -28,6 +28,18 @@ def register(sub) -> None:
     add_json_arg(p)
     p.set_defaults(func=cmd_reproduce)
 
+    p = sub.add_parser("pages", help="write docs/results pages (and the README's results table) "
+                       "from reproduce reports",
+                       description="Regenerate the results pages from report.json files of "
+                                   "`tvlens reproduce`, so that no number in them is typed by hand. "
+                                   "Reports are shown in the order given.")
+    p.add_argument("reports", nargs="+", help="report.json files (e.g. docs/results/reports/*.json)")
+    p.add_argument("--out", required=True, help="folder of the pages (e.g. docs/results)")
+    p.add_argument("--readme", default=None, help="also rewrite this README's results block")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if a page differs from what the reports give")
+    p.set_defaults(func=cmd_pages)
+
 
 def cmd_reproduce(args) -> int:
     from tvlens.reproduce import reproduce
@@ -49,4 +61,17 @@ def cmd_reproduce(args) -> int:
     else:
         print_table(rows)
         print(f"report: {args.out}/report.html, report.json, report.md")
+    return 0
+
+
+def cmd_pages(args) -> int:
+    from tvlens.reproduce.pages import write_pages
+
+    files = write_pages(args.reports, args.out, readme=args.readme, check=args.check)
+    if args.check:
+        for path in files:
+            print(f"tvlens: {path} is not what the reports give: rerun without --check", file=sys.stderr)
+        return 1 if files else 0
+    for path in files:
+        print(f"wrote {path}")
     return 0

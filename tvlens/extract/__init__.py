@@ -7,6 +7,7 @@ from tvlens.extract.fv import (
     indirect_effects,
     indirect_effects_loop,
     mean_head_outputs,
+    post_norm_scales,
     query_pool,
     shuffled_prompts,
 )
@@ -16,5 +17,5 @@ from tvlens.extract.sweep import METHOD_DEFAULTS, Extraction, LayerSweep, extrac
 __all__ = [
     "METHOD_DEFAULTS", "Extraction", "LayerSweep", "extract", "function_vector", "fv_from_heads",
     "icl_task_vector", "indirect_effects", "indirect_effects_loop", "layer_sweep",
-    "mean_head_outputs", "query_pool", "shuffled_prompts", "vanilla_task_vector",
+    "mean_head_outputs", "post_norm_scales", "query_pool", "shuffled_prompts", "vanilla_task_vector",
 ]

@@ -38,6 +38,21 @@ grouped-query attention), indexed ``(l, h)`` with ``l < L`` layers and ``h < H``
    comes once per head. ``per_layer`` counts it once per layer, as an attention layer's own
    output does. The two agree on models without an output bias (Llama, SmolLM2).
 4. Injected by **adding** FV to the residual after a chosen layer at the last token.
+
+**Post-attention norms** (Gemma-2/3: ``blocks.{l}.ln1_post`` normalises the attention
+output before the residual add). There a head's ``z̄ @ W_O`` is not what it adds to the
+residual, so each layer's terms pass through that norm with its scale frozen at the clean
+prompts' mean — the linearisation direct logit attribution uses for any norm:
+
+       FV = Σ_{l ∈ layers(S)} g_l ⊙ (Σ_{h: (l,h) ∈ S} z̄[l, h] @ W_O[l, h] + bias terms) / s̄_l
+
+with ``g_l`` the norm's gain (``1 + w`` under ``rmsnorm_uses_offset``) and ``s̄_l`` the mean
+over the same N clean prompts of its scale ``blocks.{l}.ln1_post.hook_scale`` at the last
+token (:func:`post_norm_scales`). With every head of a layer selected and N = 1 this is
+exactly that layer's attention contribution to the residual (tested). Todd's code, written
+for models without post-norms, adds the raw ``out_proj`` sum, which on Gemma is not a
+residual-stream quantity at all (measurements: ``docs/results/history/extracted.md``).
+Models without post-norms are unchanged.
 """
 
 from __future__ import annotations
@@ -101,6 +116,39 @@ def _queries(model, task, n, *, pool, shots, template, seed) -> list[Pair]:
     return sample_queries(task, n, seed=seed, shots=shots, pool=pool)
 
 
+def _clean_prompts(model, task, n_prompts, *, pool, shots, template, seed) -> PromptSet:
+    queries = _queries(model, task, n_prompts, pool=pool, shots=shots, template=template, seed=seed)
+    return PromptSet.build(model, task, queries=queries, shots=shots, template=template, seed=seed)
+
+
+def post_norm_names(model) -> list[str] | None:
+    """``blocks.{l}.ln1_post`` per layer when the model normalises attention outputs before
+    the residual add (Gemma-2/3), else None."""
+    if not all(hasattr(b, "ln1_post") for b in model.blocks):
+        return None
+    return [f"blocks.{layer}.ln1_post" for layer in range(int(model.cfg.n_layers))]
+
+
+@torch.no_grad()
+def post_norm_scales(
+    model, task: Task, *, shots: int = _FV.shots, n_prompts: int = _FV.n_prompts,
+    template: str | Template = FV_TEMPLATE, batch_size: int = 8, seed: int = 0,
+    pool: Sequence[Pair] | None = None,
+) -> Float[Tensor, " layer"]:
+    """``s̄[l]``: the mean scale of ``blocks.{l}.ln1_post`` at the last token of the clean
+    prompts :func:`mean_head_outputs` averages over (same arguments, same prompts)."""
+    names = post_norm_names(model)
+    if names is None:
+        raise TvlensError("this model has no post-attention norms (blocks.{l}.ln1_post); "
+                          "its function vector needs no scales")
+    prompts = _clean_prompts(model, task, n_prompts, pool=pool, shots=shots, template=template, seed=seed)
+    hooks = [f"{n}.hook_scale" for n in names]
+    out = run(model, prompts, capture=hooks, capture_at="last", logits=None,
+              batch_size=batch_size, desc="post-norm scales")
+    scales = torch.stack([out.captured[n].float().reshape(len(prompts)) for n in hooks], dim=1)
+    return chunk_sum(scales, batch_size) / len(prompts)
+
+
 @torch.no_grad()
 def mean_head_outputs(
     model, task: Task, *, shots: int = _FV.shots, n_prompts: int = _FV.n_prompts,
@@ -116,8 +164,7 @@ def mean_head_outputs(
         pool: the pairs queries are sampled from (default: :func:`query_pool`, Todd's
             ICL-correct dev items; ``task.train`` for tvlens 0.1's dummy train queries).
     """
-    queries = _queries(model, task, n_prompts, pool=pool, shots=shots, template=template, seed=seed)
-    prompts = PromptSet.build(model, task, queries=queries, shots=shots, template=template, seed=seed)
+    prompts = _clean_prompts(model, task, n_prompts, pool=pool, shots=shots, template=template, seed=seed)
     names = [z_hook_name(layer) for layer in range(int(model.cfg.n_layers))]
     out = run(model, prompts, capture=names, capture_at="last", logits=None,
               batch_size=batch_size, desc="head outputs")
@@ -220,21 +267,36 @@ def indirect_effects_loop(
 
 
 def fv_from_heads(model, mean_z: Float[Tensor, "layer head d_head"],
-                  heads: Sequence[Sequence[int]], *, bias: str = _FV.bias) -> Float[Tensor, " d_model"]:
+                  heads: Sequence[Sequence[int]], *, bias: str = _FV.bias,
+                  post_scales: Float[Tensor, " layer"] | None = None) -> Float[Tensor, " d_model"]:
     """Σ_{(l,h)} z̄[l, h] @ W_O[l, h] plus the output bias b_O[l] (when not None) once per
-    head (``bias="per_head"``, Todd's) or once per distinct layer (``"per_layer"``)."""
+    head (``bias="per_head"``, Todd's) or once per distinct layer (``"per_layer"``); on a
+    model with post-attention norms each layer's sum through that norm, its scale frozen at
+    ``post_scales`` (:func:`post_norm_scales`, required there; module docstring)."""
+    from tvlens.attribution.readout import norm_gain
+
     _check_mean_z(model, mean_z)
     if bias not in BIAS_RULES:
         raise TvlensError(f"unknown bias rule {bias!r}; use one of {', '.join(BIAS_RULES)}")
+    post = post_norm_names(model)
+    if post is not None and post_scales is None:
+        raise TvlensError("this model normalises attention outputs before the residual add "
+                          "(blocks.{l}.ln1_post), so head terms need that norm's scale: pass "
+                          "post_scales=post_norm_scales(model, task, ...)")
     fv = torch.zeros(int(model.cfg.d_model))
     for layer in sorted({int(lh[0]) for lh in heads}):
         attn = model.blocks[layer].attn
         in_layer = [int(lh[1]) for lh in heads if int(lh[0]) == layer]
+        term = torch.zeros(int(model.cfg.d_model))
         for h in in_layer:
-            fv = fv + mean_z[layer, h].float().cpu() @ attn.W_O[h].detach().float().cpu()
+            term = term + mean_z[layer, h].float().cpu() @ attn.W_O[h].detach().float().cpu()
         b_O = getattr(attn, "b_O", None)
         if b_O is not None:
-            fv = fv + b_O.detach().float().cpu() * (len(in_layer) if bias == "per_head" else 1)
+            term = term + b_O.detach().float().cpu() * (len(in_layer) if bias == "per_head" else 1)
+        if post is not None:
+            gain = norm_gain(model, model.blocks[layer].ln1_post).cpu()
+            term = term * gain / float(post_scales[layer])
+        fv = fv + term
     return fv
 
 
@@ -285,9 +347,18 @@ def function_vector(
         aie = indirect_effects(model, task, mean_z, shots=shots, n_prompts=n_ie_prompts,
                                template=template, batch_size=batch_size, seed=seed + 1, pool=pool)
     heads = [list(lh) for lh in HeadTable(aie, "indirect_effect").top(k=k)]
-    fv = fv_from_heads(model, mean_z, heads, bias=bias).to(device=model.cfg.device,
-                                                           dtype=model_dtype(model))
+    post_scales = None
+    if post_norm_names(model) is not None:  # Gemma-2/3: fold ln1_post (module docstring)
+        if pool is None:
+            pool = query_pool(model, task, split=query_split, icl_filter=icl_filter, shots=shots,
+                              template=template, seed=seed)
+        post_scales = post_norm_scales(model, task, shots=shots, n_prompts=n_prompts,
+                                       template=template, seed=seed, pool=pool)
+    fv = fv_from_heads(model, mean_z, heads, bias=bias, post_scales=post_scales).to(
+        device=model.cfg.device, dtype=model_dtype(model))
     history = {"indirect_effects": aie.tolist(), "heads": heads}
+    if post_scales is not None:
+        history["post_norm_scales"] = post_scales.tolist()
     if pool is not None:
         history["query_pool"] = len(pool)
     return TaskVector.single(

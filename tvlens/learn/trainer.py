@@ -23,7 +23,7 @@ one default works at every layer and for layer sets mixing early and late layers
 decoupled weight decay is the same on φ and θ (θ = sφ is linear). θ starts at zero: step
 0 *is* the zero-shot model, no random direction has to be unlearned, and the vector's
 norm grows only as far as the loss asks. ``relative_lr=False`` gives the paper's
-parametrisation (s_l = 1, lr absolute). See docs/results/learned.md for the measurements.
+parametrisation (s_l = 1, lr absolute). See docs/results/history/learned.md for the measurements.
 
 **Early stopping and the returned θ.** Every ``dev_every`` steps θ is evaluated on the
 dev split (first-token accuracy, ties broken by the mean first-token log-probability);
@@ -31,7 +31,7 @@ training stops after ``patience`` evaluations without improvement, and the best 
 is returned. ``history["stopped"]`` says which ended training: ``"dev"`` (patience ran
 out) or ``"budget"`` (``steps`` ran out first: the vector may not have converged). The
 default budget (LTVConfig.steps) is large enough that dev does the stopping on the
-built-in tasks and on small task files (docs/results/learned.md).
+built-in tasks and on small task files (docs/results/history/learned.md).
 
 **Prefix caching** (:mod:`tvlens.learn.prefix`): blocks 0..min 𝓛 are computed once per
 training row and skipped at every step. ``history["prefix_cache"]`` says whether it was

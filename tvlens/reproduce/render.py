@@ -83,21 +83,27 @@ def markdown(report: dict) -> str:
                      [[row["finding"], *(row.get(m, "·") for m in models)] for row in summary_rows(report)]),
            "", "## How a verdict is computed", "", report["rule"], ""]
     for r in report["results"]:
-        out += [f"## {r['title']} — `{r['finding']}` on {r['model']}", "", f"**Paper.** {r['paper']['claim']}", ""]
-        for name, pv in r["paper"]["values"].items():
-            out.append(f"- paper `{name}`: {_num(pv['value'])} — {pv['source']}")
-        if r.get("refused"):
-            out += ["", f"**Refused on this model:** {r['refused']}", ""]
-            continue
-        out += ["", f"**Verdict: {r['verdict']}.**", "",
-                _md_table(["claim", "difference [95% CI]", "outcome"], _claim_rows(r)), "",
-                _md_table(["value", "ours [95% CI]", "seeds", "paper"], _value_rows(r)), ""]
-        for tname, rows in r["tables"].items():
-            header, body = _table_rows(rows)
-            if header:
-                out += [f"*{tname}* (seed 0)", "", _md_table(header, body), ""]
-        out += [f"Settings: `{r['settings']}`; seconds per seed: {r['seconds']}.", ""]
+        out += finding_markdown(r, title=f"{r['title']} — `{r['finding']}` on {r['model']}")
     return "\n".join(out)
+
+
+def finding_markdown(r: dict, *, title: str, level: int = 2) -> list[str]:
+    """One result of a report (a finding on a model) as Markdown lines: the paper's claim
+    and values, the verdict, the claims' differences, our values beside the paper's, the
+    finding's tables, its settings and seconds."""
+    out = [f"{'#' * level} {title}", "", f"**Paper.** {r['paper']['claim']}", ""]
+    for name, pv in r["paper"]["values"].items():
+        out.append(f"- paper `{name}`: {_num(pv['value'])} — {pv['source']}")
+    if r.get("refused"):
+        return out + ["", f"**Refused on this model:** {r['refused']}", ""]
+    out += ["", f"**Verdict: {r['verdict']}.**", "",
+            _md_table(["claim", "difference [95% CI]", "outcome"], _claim_rows(r)), "",
+            _md_table(["value", "ours [95% CI]", "seeds", "paper"], _value_rows(r)), ""]
+    for tname, rows in r["tables"].items():
+        header, body = _table_rows(rows)
+        if header:
+            out += [f"*{tname}* (seed 0)", "", _md_table(header, body), ""]
+    return out + [f"Settings: `{r['settings']}`; seconds per seed: {r['seconds']}.", ""]
 
 
 def _html_table(header: Sequence[str], rows: Sequence[Sequence], cls: str = "") -> str:

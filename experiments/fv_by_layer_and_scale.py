@@ -45,7 +45,7 @@ def main() -> None:
         for s in (float(x) for x in args.scales.split(",")):
             r = tvlens.evaluate(model, task, vector=replace(fv, layers=(layer,), vectors=fv.vectors * s),
                                 n=args.n)
-            cells.append(str(r).split(" (n=")[0])
+            cells.append(f"{r.accuracy:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]")
         print(f"| {layer} | {float(out.captured[hook].norm(dim=-1).mean()):.0f} | " + " | ".join(cells) + " |")
 
 

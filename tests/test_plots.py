@@ -86,3 +86,20 @@ def test_export_leaves_plotly_global_defaults_alone(tmp_path, monkeypatch):
     assert kopts["mathjax"] is False  # per call, whatever the global says
     assert opts == {"format": "svg", "width": 720, "height": 420, "scale": 3}  # the theme's size
     assert fig.layout.template.layout.paper_bgcolor == "white"
+
+
+def test_notebook_renderer_gives_plotly_json_and_a_real_png(monkeypatch):
+    """``static_figures_in_notebooks``: a figure's bundle holds plotly's own JSON (Jupyter's
+    interactive view) and a PNG from the offline export path (what GitHub shows)."""
+    import base64
+
+    import plotly.io as pio
+
+    from tvlens.plots import NOTEBOOK_RENDERER, static_figures_in_notebooks
+
+    monkeypatch.setattr(pio.renderers, "default", pio.renderers.default)  # restored after the test
+    assert static_figures_in_notebooks() == NOTEBOOK_RENDERER == pio.renderers.default
+    fig = go.Figure(go.Bar(x=["a", "b"], y=[1, 2]))
+    bundle = pio.renderers[NOTEBOOK_RENDERER].to_mimebundle(fig.to_dict())
+    assert bundle["application/vnd.plotly.v1+json"]["data"][0]["y"] == [1, 2]
+    assert base64.b64decode(bundle["image/png"]).startswith(b"\x89PNG\r\n\x1a\n")

@@ -12,6 +12,10 @@ Anything with a ``hooks(model, batch)`` method can be passed as ``vector``: a
 composition of them (``tv + HeadPatch.zero(model, heads)``). The prompts are written in
 the vector's own format (its ``template``) unless ``template`` says otherwise, which
 warns naming both formats. All forwards go through :func:`tvlens.runner.run`.
+
+:func:`condition_accuracies` scores one prompt set under many interventions at once (the
+conditions along the batch, :func:`tvlens.runner.run_variants`), with the same numbers and
+intervals as one :func:`evaluate` per condition; the mechanism analyses use it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from tvlens.errors import TvlensError
@@ -27,7 +32,7 @@ from tvlens.interventions.base import as_intervention, describe
 from tvlens.models.loading import fingerprint
 from tvlens.prompts import (Example, PromptSet, Template, build_examples, get_template,  # noqa: F401
                             make_examples, template_name)
-from tvlens.runner import run
+from tvlens.runner import run, run_variants
 from tvlens.stats import Accuracy, accuracy
 from tvlens.tasks.task import Task
 
@@ -176,6 +181,37 @@ def evaluate(
         mean_logprob=float(records["mean_logprob"].mean()) if logprob else None,
         template=prompts.template_name,
     )
+
+
+def condition_correct(model, prompts: PromptSet, conditions: dict, *, common=None,
+                      batch_size: int = 64, prefix_cache: bool | str = "auto",
+                      progress: bool | None = None) -> dict[str, np.ndarray]:
+    """Per prompt, whether the first answer token is the argmax (``1.0`` / ``0.0``, what
+    :func:`evaluate` records as ``correct``) under ``common`` plus each intervention of
+    ``conditions`` (``None``: ``common`` alone), all through one
+    :func:`~tvlens.runner.run_variants` call: the conditions go along the batch (prompt
+    ``i`` under condition ``j`` in row ``i·c + j``), and on a model with a Hugging Face KV
+    cache those that touch only the last token share one forward of the prompts' prefix
+    (``prefix_cache``: ``"auto"``, ``True`` or ``False``, as there). ``batch_size``: rows per
+    forward (every prompt is in each one)."""
+    names = list(conditions)
+    variants = [conditions[k] for k in names if conditions[k] is not None]
+    out = run_variants(model, prompts.batch, variants, common=common, batch_size=batch_size,
+                       prefix_cache=prefix_cache, progress=progress, desc="conditions")
+    targets = prompts.batch.first_answer_ids.cpu()
+    preds = iter(out.predictions)
+    return {k: ((out.base_prediction if conditions[k] is None else next(preds)) == targets)
+            .numpy().astype(float) for k in names}
+
+
+def condition_accuracies(model, prompts: PromptSet, conditions: dict, *, common=None,
+                         batch_size: int = 64, seed: int = 0, prefix_cache: bool | str = "auto",
+                         progress: bool | None = None) -> dict[str, Accuracy]:
+    """:func:`condition_correct` as accuracies, each with the bootstrap CI :func:`evaluate`
+    gives it (same ``seed``, same numbers)."""
+    correct = condition_correct(model, prompts, conditions, common=common, batch_size=batch_size,
+                                prefix_cache=prefix_cache, progress=progress)
+    return {k: accuracy(v, seed=seed) for k, v in correct.items()}
 
 
 def _vector_name(iv) -> str | None:

@@ -266,19 +266,33 @@ def _pad(t: Tensor, left: int, right: int) -> Tensor:
 # ----- many interventions over one batch ----------------------------------------------
 @dataclass
 class VariantOutput:
-    """``base[i]``: p(first answer of prompt i) under ``common`` alone; ``probs[j, i]`` under
-    ``common`` + variant ``j``; ``prefix_cache``: whether the KV-cached path ran."""
+    """What :func:`run_variants` kept, for prompt ``i`` under ``common`` alone (``base*``) and
+    under ``common`` + variant ``j`` (``[j, i]``):
+
+    ``base [B]``, ``probs [V, B]``: p(first answer token) at the last position;
+    ``base_prediction [B]``, ``predictions [V, B]``: the argmax token there (first-token
+    accuracy is ``predictions == batch.first_answer_ids``, as in :func:`tvlens.evaluate`);
+    ``base_captured [B, ...]``, ``captured [V, B, ...]``: the ``capture`` hook's activation
+    at the last token (None without ``capture``); ``prefix_cache``: whether the KV-cached
+    path ran (for the variants that touch only the last token)."""
 
     base: Tensor
     probs: Tensor
     prefix_cache: bool = False
+    base_prediction: Tensor | None = None
+    predictions: Tensor | None = None
+    base_captured: Tensor | None = None
+    captured: Tensor | None = None
 
 
 def _stacked(model, variants: Sequence, big: PromptBatch, n_prompts: int) -> list[Hook]:
     from tvlens.interventions.heads import HeadPatch
+    from tvlens.interventions.residual import ResidualEdit
 
     if all(isinstance(v, HeadPatch) for v in variants):
         return HeadPatch.stack(list(variants), n_prompts).hooks(model, big)
+    if ResidualEdit.stackable(variants):
+        return ResidualEdit.stack(list(variants), n_prompts).hooks(model, big)
     # any other intervention: bind it to the prompts and act on its copy's rows only
     c = len(variants)
     small = big.select(range(0, len(big), c))
@@ -295,9 +309,10 @@ def _stacked(model, variants: Sequence, big: PromptBatch, n_prompts: int) -> lis
 
 
 def run_variants(model, batch: PromptBatch, variants: Sequence, *, common=None,
-                 batch_size: int = 64, prefix_cache: bool | str = False,
+                 batch_size: int = 64, prefix_cache: bool | str = False, capture: str | None = None,
                  progress: bool | None = None, desc: str = "variants") -> VariantOutput:
-    """First-answer probabilities of ``batch`` under each of ``variants`` (module docstring).
+    """First-answer probabilities and predictions of ``batch`` under each of ``variants``
+    (module docstring; :class:`VariantOutput`).
 
     Args:
         common: an intervention applied in every forward (e.g. a task vector).
@@ -305,60 +320,92 @@ def run_variants(model, batch: PromptBatch, variants: Sequence, *, common=None,
         prefix_cache: ``True``: run the shared prefix once into a KV cache (raises
             :class:`TvlensError` if the model has none or it fails its checks);
             ``"auto"``: when possible, falling back with a ``RuntimeWarning``; ``False``.
-            Needs variants that touch only the last token and no ``common``.
+            The cache serves the variants that touch only the last token
+            (:func:`~tvlens.interventions.base.last_token_only`) and needs ``common`` to
+            touch only the last token too; the other variants run full forwards.
+        capture: a hook name whose activation at the last token is kept per variant.
     """
     if not (prefix_cache is True or prefix_cache is False or prefix_cache == "auto"):
         raise TvlensError(f"prefix_cache must be True, False or 'auto', got {prefix_cache!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise TvlensError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if capture is not None:
+        _hook_names(model, [capture])
     from tvlens import kv_cache
+    from tvlens.interventions.base import last_token_only
 
     B = len(batch)
     per = max(1, batch_size // B)  # variants per forward
     device = model.cfg.device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    common_iv = as_intervention(common)
+    cacheable = [j for j, v in enumerate(variants) if last_token_only(v)]
     cache = base_logits = None
-    if prefix_cache is not False and ids.shape[1] > 1:
+    if prefix_cache is not False:
         why = ""
-        if common is not None:
-            why = "a common intervention may touch the prefix"
-        elif not all(getattr(v, "last_token_only", False) for v in variants):
-            why = "some variants touch positions before the last token"
+        if ids.shape[1] < 2:
+            why = "the prompts have one token (no prefix to cache)"
+        elif not last_token_only(common_iv):
+            why = "the common intervention touches positions before the last token"
+        elif variants and not cacheable:
+            why = "every variant touches positions before the last token"
         else:
-            cache, base_logits, why = kv_cache.checked_prefix_cache(model, ids, mask)
+            with torch.no_grad():
+                cache, base_logits, why = kv_cache.checked_prefix_cache(model, ids, mask)
         if cache is None:
             if prefix_cache is True:
                 raise TvlensError(f"prefix_cache=True, but {why}; use prefix_cache=False (or 'auto')")
             if kv_cache.has_hf_model(model):  # a cache was expected: say why it is not used
                 warnings.warn(f"prefix KV cache not used ({why}); running full forwards instead "
                               "(same result, slower)", RuntimeWarning, stacklevel=3)
-    common_iv = as_intervention(common)
+    if cache is None:
+        cacheable = []
 
-    def last_logits(c: int, variant_part: Sequence) -> Tensor:  # [B * c, vocab]
-        if cache is not None:
-            view = _last_token_view(batch, c)
-            hooks = _stacked(model, variant_part, view, B) if variant_part else []
-            return cache.last_logits(c, hooks)
-        big = batch.select([i for i in range(B) for _ in range(c)])
-        hooks = intervention_hooks(model, common_iv, big)
+    def last_logits(c: int, variant_part: Sequence, cached: bool) -> tuple[Tensor, Tensor | None]:
+        """``[B * c, vocab]`` last-token logits and the captured activation ``[B * c, ...]``."""
+        store: dict[str, Tensor] = {}
+
+        def grab(act, hook=None):  # registered last: sees every edit at its hook point
+            store["act"] = act[:, -1]
+            return act
+
+        rows = [i for i in range(B) for _ in range(c)]
+        big = _last_token_view(batch, c) if cached else batch.select(rows)
+        # a per-example common intervention (one vector per prompt): its rows repeated too
+        common_c = common_iv.for_rows(rows) if getattr(common_iv, "per_example", False) else common_iv
+        hooks = intervention_hooks(model, common_c, big)
         if variant_part:
             hooks = hooks + _stacked(model, variant_part, big, B)
-        return last_token_logits(model, big, hooks)
+        if capture is not None:
+            hooks = hooks + [(capture, grab)]
+        logits = cache.last_logits(c, hooks) if cached else last_token_logits(model, big, hooks)
+        return logits, store.get("act")
 
     targets = batch.first_answer_ids.to(device)
+    V = len(variants)
+    probs, preds = torch.empty(V, B), torch.empty(V, B, dtype=torch.long)
+    captured = None
     with torch.no_grad():
-        if base_logits is None:
-            base_logits = last_logits(1, [])
-        base = _probs(base_logits, targets)
-        out = []
-        steps = range(0, len(variants), per)
+        if base_logits is None or common_iv is not None or capture is not None:
+            base_logits, base_act = last_logits(1, [], cache is not None)
+        else:
+            base_act = None
+        groups = [(True, cacheable), (False, [j for j in range(V) if j not in set(cacheable)])]
+        steps = [(cached, idx[s : s + per]) for cached, idx in groups for s in range(0, len(idx), per)]
         show = _show_progress(progress, len(steps))
-        for start in tqdm(steps, disable=not show, desc=desc, leave=False):
-            part = variants[start : start + per]
-            p = _probs(last_logits(len(part), part), targets.repeat_interleave(len(part)))
-            out.append(p.view(B, len(part)).T.cpu())
-    probs = torch.cat(out) if out else torch.empty(0, B)
-    return VariantOutput(base.cpu(), probs, cache is not None)
+        for cached, idx in tqdm(steps, disable=not show, desc=desc, leave=False):
+            c = len(idx)
+            lg, act = last_logits(c, [variants[j] for j in idx], cached)
+            probs[idx] = _probs(lg, targets.repeat_interleave(c)).view(B, c).T.cpu()
+            preds[idx] = lg.argmax(-1).view(B, c).T.cpu()
+            if act is not None:
+                act = act.detach().cpu().view(B, c, *act.shape[1:]).transpose(0, 1)
+                if captured is None:
+                    captured = torch.empty(V, *act.shape[1:], dtype=act.dtype)
+                captured[idx] = act
+    return VariantOutput(_probs(base_logits, targets).cpu(), probs, cache is not None,
+                         base_logits.argmax(-1).cpu(), preds,
+                         None if base_act is None else base_act.detach().cpu(), captured)
 
 
 def _probs(last: Tensor, targets: Tensor) -> Tensor:

@@ -180,6 +180,10 @@ class TaskVector(Intervention):
     def replaced_sites(self) -> set:
         return self.spec().replaced_sites()
 
+    @property
+    def last_token_only(self) -> bool:
+        return self.spec().last_token_only
+
     def spec(self, *, scale: float | None = None) -> ResidualEdit:
         return ResidualEdit(self.layers, self.positions, self.vectors, self.mode,
                             self.scale if scale is None else scale)

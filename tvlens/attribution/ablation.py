@@ -1,7 +1,8 @@
 """Accuracy with heads ablated, against random head sets of the same size and no ablation.
 
 :func:`ablate_heads` scores, on one :class:`~tvlens.prompts.PromptSet` and through
-:func:`tvlens.evaluation.evaluate` (so each rate has its bootstrap CI):
+:func:`tvlens.evaluation.condition_correct` (the conditions along the batch; each rate has
+the bootstrap CI :func:`tvlens.evaluate` would give it):
 
 - ``baseline``: the prompts under ``vector`` (or ICL prompts without one);
 - ``ablated``: the same with ``heads`` ablated (``vector + HeadPatch.ablation(...)``);
@@ -41,9 +42,9 @@ from tvlens.attribution.key_heads import (
     layer_histogram, readable_heads,
 )
 from tvlens.errors import TvlensError
-from tvlens.evaluation import evaluate, resolve_template
+from tvlens.evaluation import condition_correct, resolve_template
 from tvlens.heads import Head, all_heads, check_heads
-from tvlens.interventions import HeadPatch, as_intervention
+from tvlens.interventions import HeadPatch
 from tvlens.prompts import PromptSet
 from tvlens.results import HeadTable
 from tvlens.stats import Accuracy, accuracy
@@ -169,14 +170,16 @@ def random_head_sets(model, heads: Sequence[Head], draws: int, *, seed: int = 0,
 def ablate_heads(model, task: Task, heads: Sequence[Head], mode: str = "zero", vector=None,
                  random_control: int = 5, *, n: int = 32, shots: int = 5, split: str = "test",
                  template=None, seed: int = 0, prompts: PromptSet | None = None,
-                 batch_size: int = 16, random_from: str = "layers") -> AblationResult:
+                 batch_size: int = 64, random_from: str = "layers") -> AblationResult:
     """Accuracy of ``task`` with ``heads`` ablated (see the module docstring).
 
     With ``vector`` the prompts are zero-shot queries carrying it; without, ``shots``-shot
     ICL prompts (``prompts`` overrides both). ``template=None``: the vector's own format,
     else ``"arrow"``. ``random_control`` random head sets of the same size
     (:func:`random_head_sets` with ``seed`` and ``random_from``) give the control; 0 skips
-    it. ``batch_size``: rows per forward.
+    it. Every condition runs through :func:`~tvlens.evaluation.condition_correct` (the
+    head sets along the batch; on a Hugging Face model, with a vector at the last token or
+    none, one KV cache of the prompts' prefix); ``batch_size``: rows per forward.
     """
     heads = check_heads(model, heads)
     if isinstance(random_control, bool) or not isinstance(random_control, int) or random_control < 0:
@@ -187,26 +190,21 @@ def ablate_heads(model, task: Task, heads: Sequence[Head], mode: str = "zero", v
                            what="ablate_heads")
     means = head_means(model, prompts, vector) if mode == "mean" else None
 
-    def score(pick):
-        iv = as_intervention([vector, HeadPatch.ablation(model, pick, mode, means)] if pick is not None
-                             else vector)
-        return evaluate(model, task, vector=iv, prompts=prompts, batch_size=batch_size, seed=seed,
-                        progress=False)
-
-    base = score(None)
-    abl = score(heads)
-    correct = [score(pick).records["correct"].to_numpy(dtype=float) for pick in picks]
+    conditions = {"baseline": None, "ablated": HeadPatch.ablation(model, heads, mode, means)}
+    conditions.update({f"random{r}": HeadPatch.ablation(model, pick, mode, means)
+                       for r, pick in enumerate(picks)})
+    scores = condition_correct(model, prompts, conditions, common=vector, batch_size=batch_size)
+    correct = [scores.pop(f"random{r}") for r in range(len(picks))]
     rand = accuracy(np.mean(correct, axis=0), seed=seed) if correct else None
     overlap = [len(set(pick) & set(heads)) for pick in picks]
     if any(overlap):
         warnings.warn(f"ablate_heads: {max(overlap)} of the {len(heads)} heads had to be reused in a "
                       "random set (a layer has more ablated heads than other heads); see "
                       "random_overlap, or use random_from='all'", UserWarning, stacklevel=2)
-    scores = {"baseline": base.records["correct"].to_numpy(dtype=float),
-              "ablated": abl.records["correct"].to_numpy(dtype=float)}
     if correct:
         scores["random"] = np.mean(correct, axis=0)
-    return AblationResult(heads, mode, base.interval, abl.interval, rand,
+    return AblationResult(heads, mode, accuracy(scores["baseline"], seed=seed),
+                          accuracy(scores["ablated"], seed=seed), rand,
                           [float(c.mean()) for c in correct], picks, prompts.template_name,
                           random_from, overlap, scores)
 

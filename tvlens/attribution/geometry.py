@@ -29,14 +29,17 @@ them (``SS_tot`` around their mean). Polar decomposition ``W = Q S`` (SVD ``W = 
 ``Q = U Vᵀ`` orthogonal, ``S = V Σ Vᵀ`` symmetric PSD): rotation ``cos(c, Qc)``, scaling
 ``‖Sc‖/‖c‖``. Check: ``linear`` accuracy adds ``W̄c`` (the ``mixed`` design: its own ``W``)
 after the last block at the query instead of injecting θ; it, θ's accuracy and zero-shot are
-scored by :func:`tvlens.evaluation.evaluate` on one test prompt set, each with its CI. The
+scored together on one test prompt set (:func:`tvlens.evaluation.condition_accuracies`), each
+with its CI. The
 logit lens (:func:`tvlens.attribution.readout.logit_lens`) reads c, Qc and Wc through the
 model's own final norm and unembedding.
 
-With a vector at the last position and a Hugging Face model, the grid's forwards share each
-prompt's prefix through the checked KV prefix cache (:mod:`tvlens.kv_cache`): only the last
-token runs per copy; otherwise (native models, other positions) full forwards
-(:func:`final_change`, the reference path).
+The grid is one :func:`~tvlens.runner.run_variants` call (the copies along the batch). With
+a vector at the last position and a Hugging Face model, its forwards share each prompt's
+prefix through the checked KV prefix cache (:mod:`tvlens.kv_cache`): only the last token
+runs per copy; otherwise (native models, other positions) full forwards.
+:func:`final_change` (one forward per chunk of copies, no stacking, no cache) is the
+reference path the grid is tested against.
 """
 
 from __future__ import annotations
@@ -50,10 +53,10 @@ from torch import Tensor
 from tvlens.attribution.common import ci_list, single_vector
 from tvlens.attribution.readout import logit_lens
 from tvlens.errors import TvlensError
-from tvlens.evaluation import evaluate, resolve_template
+from tvlens.evaluation import condition_accuracies, resolve_template
 from tvlens.interventions import ResidualEdit, resid_hook_name
 from tvlens.prompts import PromptBatch, PromptSet
-from tvlens.runner import run
+from tvlens.runner import run, run_variants
 from tvlens.stats import Accuracy, accuracy
 from tvlens.tasks.task import Task
 from tvlens.vector import TaskVector
@@ -195,54 +198,27 @@ def final_change_grid(model, batch: PromptBatch | PromptSet, vector: TaskVector,
     """``(Δ, cached)``: ``Δ[b, i]`` = :func:`final_change` of ``thetas[i]`` in prompt ``b``,
     for every prompt and copy; ``cached``: whether the KV prefix cache ran.
 
-    ``prefix_cache``: ``"auto"`` uses it when the vector sits at the last position and the
-    model has a checked Hugging Face KV cache, ``True`` requires it, ``False`` never.
-    ``batch_size``: rows (prompts × copies) per forward.
+    One :func:`~tvlens.runner.run_variants` call: copy ``i`` is the variant that writes
+    ``thetas[i]`` where ``vector`` sits (its layer, position and mode, scale 1), every
+    prompt's copies go along the batch (one merged write per forward,
+    :meth:`~tvlens.interventions.ResidualEdit.stack`), and the final residual at the query
+    is captured. ``prefix_cache``: ``"auto"`` uses the KV prefix cache when the vector sits
+    at the last position and the model has a checked Hugging Face cache, ``True`` requires
+    it, ``False`` never. ``batch_size``: rows (prompts × copies) per forward.
     """
     batch = getattr(batch, "batch", batch)
     _check_batch_size(batch_size)
-    if not (prefix_cache is True or prefix_cache is False or prefix_cache == "auto"):
-        raise TvlensError(f"prefix_cache must be True, False or 'auto', got {prefix_cache!r}")
     layer, position, _ = single_vector(model, vector)
-    B, N = len(batch), len(thetas)
-    pc, why = None, f"the vector sits at position {position!r}, not the last token"
-    if prefix_cache is not False and position in ("last", -1):
-        from tvlens import kv_cache
-
-        device = model.cfg.device
-        ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-        why = "the prompts have one token" if ids.shape[1] < 2 else ""
-        if not why:
-            with torch.no_grad():
-                pc, _, why = kv_cache.checked_prefix_cache(model, ids, mask)
-    if pc is None:
-        if prefix_cache is True:
-            raise TvlensError(f"prefix_cache=True, but {why}; use prefix_cache='auto' or False")
-        rows = [b for b in range(B) for _ in range(N)]
-        D = final_change(model, batch, vector, thetas.repeat(B, 1), prompt_of=rows, batch_size=batch_size)
-        return D.view(B, N, -1), False
+    if prefix_cache == "auto" and position not in ("last", -1):
+        prefix_cache = False  # nothing to share: the copies differ before the query
+    dtype = vector.vectors.dtype
+    variants = [ResidualEdit((layer,), (position,), th.reshape(1, 1, -1).to(dtype), vector.mode, 1.0)
+                for th in thetas]
     name = resid_hook_name(int(model.cfg.n_layers) - 1)
-    store: dict[str, Tensor] = {}
-
-    def grab(act, hook=None):  # the final residual of the one column the cached forward runs
-        store["h"] = act[:, -1].float()
-        return act
-
-    per = max(1, batch_size // B)  # copies of every prompt per forward: rows b·c + j
-    with torch.no_grad():
-        pc.last_logits(1, [(name, grab)])
-        clean = store["h"]  # [B, d]
-        out = torch.empty(B, N, clean.shape[-1])
-        for start in range(0, N, per):
-            c = min(per, N - start)
-            sub = batch.select([b for b in range(B) for _ in range(c)])
-            view = PromptBatch(sub.input_ids[:, -1:], torch.ones_like(sub.attention_mask[:, -1:]),
-                               sub.examples, sub.prompts, sub.answer_ids, [0] * len(sub))
-            vals = thetas[start : start + c].repeat(B, 1).reshape(B * c, 1, 1, -1)
-            edit = ResidualEdit((layer,), ("last",), vals.to(clean.device), vector.mode, 1.0)
-            pc.last_logits(c, edit.hooks(model, view) + [(name, grab)])
-            out[:, start : start + c] = (store["h"].view(B, c, -1) - clean[:, None]).cpu()
-    return out, True
+    out = run_variants(model, batch, variants, batch_size=batch_size, prefix_cache=prefix_cache,
+                       capture=name, desc="copies")
+    D = out.captured.transpose(0, 1).float() - out.base_captured.float()[:, None]
+    return D, out.prefix_cache
 
 
 @dataclass
@@ -372,9 +348,8 @@ def rotation_scaling(model, task: Task, vector: TaskVector, *, n_copies: int = 1
     lin = replace(vector, vectors=Wt.reshape(1, 1, -1).to(vector.vectors.dtype),
                   layers=(int(model.cfg.n_layers) - 1,), positions=("last",), mode="add",
                   scale=1.0, history={})
-    accs = {k: evaluate(model, task, vector=iv, prompts=prompts, batch_size=batch_size, seed=seed,
-                        progress=False).interval
-            for k, iv in (("vector", vector), ("linear", lin), ("zero_shot", None))}
+    accs = condition_accuracies(model, prompts, {"vector": vector, "linear": lin, "zero_shot": None},
+                                batch_size=batch_size, seed=seed, prefix_cache=prefix_cache)
     answers = prompts.batch.first_answer_ids.tolist()
     lens = {"theta": logit_lens(model, cvec, answers), "Q_theta": logit_lens(model, Qt, answers),
             "W_theta": logit_lens(model, Wt, answers)}

@@ -37,7 +37,8 @@ the residual's norm (issue 14). ``"mean_attention"`` keeps them on average over 
 when ``p ≠ q``: θ never sits in the query's residual there) and ``x⁰[b]`` the clean run's
 ``hook_resid_mid`` of block ``l'`` at ``q`` (the input of its ``ln2``):
 
-    mlp_direct[b, l'] = mlp(ln2(x⁰ + δ)) − mlp(ln2(x⁰))     (θ's direct path into the MLP alone)
+    mlp_direct[b, l'] = mlp(ln2(x⁰ + δ)) − mlp(ln2(x⁰))     (θ's direct path into the MLP alone;
+                                                               through ln2_post too on Gemma-3)
     mlp_total[b, l']  = mlp_out^θ[b, q] − mlp_out^0[b, q]     (all paths: what every earlier layer
                                                                passed on, too)
 
@@ -53,10 +54,19 @@ Direct logit attribution (DLA) of a term t on the answer token y through the fin
 its frozen scale ``s_f[b, q]`` (``ln_final.hook_scale``): ``(t · w̃_f / s_f) @ W_U[:, y]``.
 
 Norms this module folds (:func:`tvlens.attribution.readout.check_foldable`): RMSNorm
-without bias, with or without the ``1 + w`` offset. LayerNorm (which also subtracts the
-mean) and post-attention / post-MLP norms (Gemma-2/3: the block's output is normalised again
-before the residual add, so a head's term is not what enters the residual) are refused with
-a :class:`TvlensError`. DLA is of the pre-soft-cap logit.
+without bias, with or without the ``1 + w`` offset, and the post-attention / post-MLP norms
+of Gemma-2/3 (``ln1_post`` / ``ln2_post``: each sublayer's output is normalised again before
+the residual add; ``hook_attn_out`` / ``hook_mlp_out`` are after them, what enters the
+residual). A head's term then passes ``ln1_post`` at the θ run's scale at the query,
+``s'[b] = blocks.{l'}.ln1_post.hook_scale[b, q]`` with gain ``g'``:
+
+    weighted[b, h] = A[b, h, q, p] · (θ̂[b] @ W_V[kv(h)] @ W_O[h]) ⊙ g' / s'[b]
+    packaged[h]    = (θ̂̄ @ W_V[kv(h)] @ W_O[h]) ⊙ g' / mean_b s'[b]
+
+so that, at that frozen scale, the heads' terms and the rest still sum to ``attn_out``
+exactly (tested on a tiny Gemma-3); ``mlp_direct`` runs ``ln2_post`` at its own scale, like
+``ln2``. LayerNorm (which also subtracts the mean), norm biases and any other post-norm are
+refused with a :class:`TvlensError`. DLA is of the pre-soft-cap logit.
 """
 
 from __future__ import annotations
@@ -69,7 +79,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tvlens.attribution.common import single_vector
-from tvlens.attribution.readout import check_foldable, norm_gain, unembed_directions
+from tvlens.attribution.readout import check_foldable, norm_gain, post_norm_names, unembed_directions
 from tvlens.errors import TvlensError
 from tvlens.interventions import resid_hook_name
 from tvlens.prompts import PromptBatch, PromptSet
@@ -102,7 +112,14 @@ def _names(values, allowed, what) -> tuple[str, ...]:
 
 def _check(model, vector: TaskVector):
     """``single_vector``'s ``(layer, position, c)`` of a vector the decomposition can fold."""
-    check_foldable(model, what="the OV / MLP path terms")  # RMSNorm, no bias, no post-norms
+    what = "the OV / MLP path terms"
+    lay = check_foldable(model, post_norms=True, what=what)  # RMSNorm, no bias
+    folded = set((post_norm_names(model, "ln1_post") or []) + (post_norm_names(model, "ln2_post") or []))
+    other = sorted(set(lay.post_norms) - folded)
+    if other:
+        raise TvlensError(f"{what} fold the post-attention and post-MLP norms (ln1_post, ln2_post) "
+                          f"only, but this model also normalises at {other[0]}; use a model "
+                          "without other post-norms (Llama, SmolLM2, Gemma-3)")
     layer, position, c = single_vector(model, vector)
     L = int(model.cfg.n_layers)
     if layer >= L - 1:
@@ -144,9 +161,11 @@ class OVDecomposition:
                 "attention": self.attention.mean(0).tolist()}
 
 
-def _theta_names(layer: int, later: list[int]) -> list[str]:
+def _theta_names(model, layer: int, later: list[int]) -> list[str]:
+    post = [f"blocks.{j}.ln1_post.hook_scale" for j in later] if post_norm_names(model) else []
     return ([f"blocks.{j}.ln1.hook_scale" for j in later] + [f"blocks.{j}.attn.hook_pattern" for j in later]
-            + [f"blocks.{j}.hook_mlp_out" for j in later] + ["ln_final.hook_scale", resid_hook_name(layer)])
+            + [f"blocks.{j}.hook_mlp_out" for j in later] + post
+            + ["ln_final.hook_scale", resid_hook_name(layer)])
 
 
 def _whole(model, batch, iv, names) -> dict[str, Tensor]:
@@ -163,7 +182,7 @@ def ov_decomposition(model, batch: PromptBatch | PromptSet, vector: TaskVector, 
     _choose(packaged, PACKAGED, "packaged form")
     batch = getattr(batch, "batch", batch)
     later = list(range(layer + 1, int(model.cfg.n_layers)))
-    store = _whole(model, batch, vector, _theta_names(layer, later))
+    store = _whole(model, batch, vector, _theta_names(model, layer, later))
     return _ov_terms(model, batch, layer, position, c, later, store, packaged)
 
 
@@ -183,9 +202,14 @@ def _ov_terms(model, batch, layer, position, c, later, store, packaged) -> OVDec
         WV_h = einops.repeat(WV, "kv m e -> (kv rep) m e", rep=H // WV.shape[0])  # [H, d, dh]
         a = store[f"blocks.{j}.attn.hook_pattern"].to(dev).float()[rows, :, q, p]  # [B, H]
         ov = einops.einsum(c[None] * w[None] / s[:, None], WV_h, WO, "b m, h m e, h e n -> b h n")
+        pk = einops.einsum(c * w / s.mean(), WV_h, WO, "m, h m e, h e n -> h n")  # [H, d]
+        if post_norm_names(model) is not None:  # ln1_post at the θ run's scale at the query
+            g = norm_gain(model, blk.ln1_post).to(dev)
+            s_post = store[f"blocks.{j}.ln1_post.hook_scale"].to(dev).float()[rows, q, 0]  # [B]
+            ov = ov * g / s_post[:, None, None]
+            pk = pk * g / s_post.mean()
         weighted.append(a[..., None] * ov)
         attn.append(a)
-        pk = einops.einsum(c * w / s.mean(), WV_h, WO, "m, h m e, h e n -> h n")  # [H, d]
         packaged_l.append(pk * a.mean(0)[:, None] if packaged == "mean_attention" else pk)
     weighted_t = torch.stack(weighted, 1)  # [B, L', H, d]
     packaged_t = torch.stack(packaged_l, 0)  # [L', H, d]
@@ -207,10 +231,15 @@ def _answer_readout(model, batch: PromptBatch, store) -> Float[Tensor, "batch d_
 
 @torch.no_grad()
 def _mlp_response(model, j: int, x: Tensor, delta: Tensor) -> Float[Tensor, "batch d_model"]:
-    """``mlp(ln2(x + δ)) − mlp(ln2(x))`` of block ``j`` on ``[B, d]`` residuals (position-wise)."""
+    """``mlp(ln2(x + δ)) − mlp(ln2(x))`` of block ``j`` on ``[B, d]`` residuals (position-wise),
+    through its post-MLP norm ``ln2_post`` too where it has one (each at its own scale)."""
     blk = model.blocks[j]
     dt = blk.ln2.weight.dtype
-    f = lambda h: blk.mlp(blk.ln2(h.to(dt)[:, None]))[:, 0].float()  # noqa: E731
+    post = blk.ln2_post if post_norm_names(model, "ln2_post") is not None else (lambda t: t)
+
+    def f(h):
+        return post(blk.mlp(blk.ln2(h.to(dt)[:, None])))[:, 0].float()
+
     return f(x + delta) - f(x)
 
 
@@ -277,7 +306,7 @@ def path_terms(model, batch: PromptBatch | PromptSet, vector: TaskVector, *,
     _choose(packaged, PACKAGED, "packaged form")
     batch = getattr(batch, "batch", batch)
     later = list(range(layer + 1, int(model.cfg.n_layers)))
-    on = _whole(model, batch, vector, _theta_names(layer, later))
+    on = _whole(model, batch, vector, _theta_names(model, layer, later))
     off = _whole(model, batch, None, [f"blocks.{j}.hook_resid_mid" for j in later]
                  + [f"blocks.{j}.hook_mlp_out" for j in later]
                  + [f"blocks.{j}.attn.hook_pattern" for j in later] + [resid_hook_name(layer)])

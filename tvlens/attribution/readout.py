@@ -126,6 +126,21 @@ def check_foldable(model, *, post_norms: bool = False, what: str = "the OV decom
     return lay
 
 
+def post_norm_names(model, norm: str = "ln1_post") -> list[str] | None:
+    """``blocks.{l}.{norm}`` for every layer when the model normalises that sublayer's output
+    before the residual add (``"ln1_post"``: attention, ``"ln2_post"``: MLP; Gemma-2/3), else
+    None. A layout with the norm in only some layers raises :class:`TvlensError`: the
+    decompositions fold it in every layer or in none."""
+    names = [f"blocks.{layer}.{norm}" for layer in range(int(model.cfg.n_layers))]
+    post = set(norm_layout(model).post_norms)
+    if not post & set(names):
+        return None
+    if not post >= set(names):
+        raise TvlensError(f"only some layers have a {norm} norm ({sorted(post & set(names))[:3]}…); "
+                          "tvlens folds a post-sublayer norm in every layer or none")
+    return names
+
+
 def unembed_directions(model, ids: Tensor | list[int]) -> Float[Tensor, "n d_model"]:
     """``u_y = g_f ⊙ W_U[:, y]`` for each token ``y`` of ``ids`` (float32): the pre-cap logit
     of a final residual ``x`` with final-norm scale ``s_f`` is ``x · u_y / s_f + b_U[y]``
@@ -167,4 +182,4 @@ def logit_lens(model, v: Float[Tensor, " d_model"], answer_ids: list[int], *, k:
 
 
 __all__ = ["NormLayout", "check_foldable", "logit_lens", "norm_gain", "norm_layout",
-           "readout_logits", "unembed_directions"]
+           "post_norm_names", "readout_logits", "unembed_directions"]

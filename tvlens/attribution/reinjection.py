@@ -17,8 +17,10 @@ every later attention pattern frozen at its zero-shot value.
 Every accuracy is scored by :func:`tvlens.evaluation.evaluate` on one prompt set (so each
 has its CI) and reported as the fraction of θ's gain it recovers, ``(acc − acc₀) / (acc_θ −
 acc₀)``. The terms of the whole prompt set come from one forward with θ and one without
-(:func:`~tvlens.attribution.ov.path_terms`); each condition is then one forward per chunk
-(the interventions hold one value per prompt and are cut to each chunk by ``for_rows``).
+(:func:`~tvlens.attribution.ov.path_terms`); the conditions then run together through the
+one runner (:func:`~tvlens.evaluation.condition_accuracies`): prompt ``i`` under condition
+``j`` in row ``i·c + j``, and on a model with a Hugging Face KV cache the prompts' prefix
+runs once for every condition that writes only at the query.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import Tensor
 from tvlens.attribution.common import ci_list
 from tvlens.attribution.ov import KINDS, PACKAGED, PathTerms, _check, _choose, _names, path_terms
 from tvlens.errors import TvlensError
-from tvlens.evaluation import evaluate, resolve_template
+from tvlens.evaluation import condition_accuracies, resolve_template
 from tvlens.interventions import Freeze, Intervention, ResidualEdit, resid_hook_name, validate_spec
 from tvlens.prompts import PromptBatch, PromptSet
 from tvlens.stats import Accuracy
@@ -82,6 +84,11 @@ class Reinjection(_Bound):
 
     def describe(self) -> str:
         return f"Reinjection({self.kind}, {self.placement}{', subtracted' if self.sign < 0 else ''})"
+
+    @property
+    def last_token_only(self) -> bool:
+        """Every placement writes at the query, except ``"own"`` with θ at another position."""
+        return self.placement != "own" or self.terms.ov.position in ("last", -1)
 
     def hooks(self, model, batch: PromptBatch):
         vals = self.sign * self.terms.summed(self.kind)[self._rows(batch)]  # [b, L', d]
@@ -180,9 +187,22 @@ class ReinjectionResult:
         return reinjection_bars(self.to_dict(), title)
 
 
+def reinjection_conditions(terms: PathTerms, vector: TaskVector, kinds=KINDS,
+                           placements=PLACEMENTS, controls=CONTROLS) -> dict:
+    """The conditions :func:`reinjection_test` scores, by name: ``zero_shot`` (None),
+    ``vector``, ``f"{kind}@{placement}"`` for each pair, and the controls asked for."""
+    conditions = {"zero_shot": None, "vector": vector}
+    conditions.update({f"{k}@{pl}": Reinjection(terms, k, pl) for k in kinds for pl in placements})
+    if "minus_ov" in controls:
+        conditions["minus_ov"] = vector + Reinjection(terms, "ov_weighted", "entry", sign=-1.0)
+    if "frozen_attention" in controls:
+        conditions["frozen_attention"] = vector + FrozenAttention(terms)
+    return conditions
+
+
 def reinjection_test(model, task: Task, vector: TaskVector, *, n: int = 32, split: str = "test",
                      template=None, kinds=KINDS, placements=PLACEMENTS, controls=CONTROLS,
-                     packaged: str = "unweighted", batch_size: int = 16,
+                     packaged: str = "unweighted", batch_size: int = 64,
                      seed: int = 0) -> ReinjectionResult:
     """Accuracy (CI, recovery) of each kind of term re-injected at each placement, and of the
     controls (module docstring).
@@ -192,8 +212,11 @@ def reinjection_test(model, task: Task, vector: TaskVector, *, n: int = 32, spli
         kinds, placements, controls: subsets of :data:`KINDS`, :data:`PLACEMENTS`,
             :data:`CONTROLS`; condition ``f"{kind}@{placement}"`` for each pair.
         packaged: the packaged form, one of :data:`PACKAGED`.
-        batch_size: rows per forward of each condition (the terms are computed on the whole
-            prompt set at once, so they do not depend on it).
+        batch_size: rows (prompts × conditions) per forward of the conditions, which go
+            along the batch (:func:`~tvlens.evaluation.condition_accuracies`); those that
+            write only at the query (all but ``frozen_attention``, and ``"own"`` with θ
+            before the query) share one KV cache of the prompts' prefix. The terms are computed on the
+            whole prompt set at once, so nothing depends on it.
 
     ``to_dict()`` has ``zero_shot``, ``vector_accuracy`` with ``*_ci``, ``conditions``
     (``{name: {accuracy, ci, recovery}}``; recovery NaN when θ gains nothing), ``terms``
@@ -207,17 +230,11 @@ def reinjection_test(model, task: Task, vector: TaskVector, *, n: int = 32, spli
     prompts = PromptSet.build(model, task, split=split, n=n, seed=seed,
                               template=resolve_template(vector, template, what="reinjection_test"))
     terms = path_terms(model, prompts, vector, packaged=packaged)
-    conditions = {"zero_shot": None, "vector": vector}
-    conditions.update({f"{k}@{pl}": Reinjection(terms, k, pl) for k in kinds for pl in placements})
-    if "minus_ov" in controls:
-        conditions["minus_ov"] = vector + Reinjection(terms, "ov_weighted", "entry", sign=-1.0)
-    if "frozen_attention" in controls:
-        conditions["frozen_attention"] = vector + FrozenAttention(terms)
-    accs = {k: evaluate(model, task, vector=iv, prompts=prompts, batch_size=batch_size, seed=seed,
-                        progress=False).interval for k, iv in conditions.items()}
+    conditions = reinjection_conditions(terms, vector, kinds, placements, controls)
+    accs = condition_accuracies(model, prompts, conditions, batch_size=batch_size, seed=seed)
     return ReinjectionResult(task.name, layer, prompts.template_name, packaged, terms.later_layers,
                              accs, terms.summary(), terms.ov.dla_packaged.cpu())
 
 
 __all__ = ["CONTROLS", "PLACEMENTS", "FrozenAttention", "Reinjection", "ReinjectionResult",
-           "reinjection_test"]
+           "reinjection_conditions", "reinjection_test"]

@@ -123,18 +123,11 @@ def _clean_prompts(model, task, n_prompts, *, pool, shots, template, seed) -> Pr
 
 def post_norm_names(model) -> list[str] | None:
     """``blocks.{l}.ln1_post`` per layer when the model normalises attention outputs before
-    the residual add (Gemma-2/3; read from :func:`~tvlens.attribution.readout.norm_layout`,
-    the one place tvlens reads a model's norms), else None."""
-    from tvlens.attribution.readout import norm_layout  # local: attribution imports extract
+    the residual add (Gemma-2/3), else None
+    (:func:`tvlens.attribution.readout.post_norm_names`, the one reader of a model's norms)."""
+    from tvlens.attribution.readout import post_norm_names as names  # local: attribution imports extract
 
-    names = [f"blocks.{layer}.ln1_post" for layer in range(int(model.cfg.n_layers))]
-    post = set(norm_layout(model).post_norms)
-    if not post & set(names):
-        return None
-    if not post >= set(names):
-        raise TvlensError(f"only some layers have a post-attention norm ({sorted(post & set(names))[:3]}…); "
-                          "the function vector folds a norm in every layer or none")
-    return names
+    return names(model, "ln1_post")
 
 
 @torch.no_grad()

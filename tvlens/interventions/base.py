@@ -15,6 +15,10 @@ Two optional attributes let a composition refuse what cannot go together:
 - ``replaced_sites()``: the ``(hook name, position)`` sites it *overwrites*. Two parts
   overwriting the same site would silently let the second win, so that is refused.
 
+A third tells the runner when a KV cache of the prompt prefix may serve it:
+``last_token_only`` (:func:`last_token_only`), true when it changes nothing before each
+row's last token.
+
 Hooks are registered with :func:`hooks_applied` (or by :func:`tvlens.runner.run`), which
 removes every one of them on exit, also when the body raises.
 """
@@ -121,6 +125,10 @@ class Compose(Intervention):
                 return _made_for(p)
         return None
 
+    @property
+    def last_token_only(self) -> bool:
+        return all(last_token_only(p) for p in self.parts)
+
     def replaced_sites(self) -> set:
         out: set = set()
         for p in self.parts:
@@ -165,6 +173,15 @@ def as_intervention(value) -> HasHooks | None:
         raise TvlensError(f"{type(value).__name__} is not an intervention: it needs a "
                           "hooks(model, batch) method (a TaskVector, HeadPatch, generator, ...)")
     return value
+
+
+def last_token_only(intervention) -> bool:
+    """Whether ``intervention`` changes a forward only at each row's last token, so that a KV
+    cache of the prompt prefix stays valid under it (causal attention): its
+    ``last_token_only`` attribute (False when it has none: assume it may touch any
+    position); a composition when every part does; None (no intervention) does."""
+    iv = as_intervention(intervention)
+    return True if iv is None else bool(getattr(iv, "last_token_only", False))
 
 
 def intervention_hooks(model, intervention, batch) -> list[Hook]:

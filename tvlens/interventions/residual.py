@@ -27,6 +27,7 @@ exit, also when the body raises. ``InjectionSpec`` is the same class under its 0
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -79,6 +80,37 @@ class ResidualEdit(Intervention):
     @property
     def per_example(self) -> bool:
         return self.vectors.ndim == 4
+
+    @property
+    def last_token_only(self) -> bool:
+        """Whether every write is at each row's last token (a KV cache of the prefix stays valid)."""
+        return all(p in ("last", -1) for p in self.positions)
+
+    @classmethod
+    def stackable(cls, edits: Sequence) -> bool:
+        """Whether :meth:`stack` can merge ``edits``: ResidualEdits sharing layers, positions,
+        mode and scale."""
+        if not edits or not all(type(e) is cls for e in edits):
+            return False
+        key = lambda e: (e.layers, e.positions, e.mode, e.scale)  # noqa: E731
+        return all(key(e) == key(edits[0]) for e in edits)
+
+    @classmethod
+    def stack(cls, edits: Sequence[ResidualEdit], n_prompts: int) -> ResidualEdit:
+        """Edit ``j`` of ``c`` edits acting on copy ``j`` of ``n_prompts`` prompts repeated row
+        by row (prompt ``i``'s copy ``j`` is row ``i·c + j``, as in
+        :meth:`~tvlens.interventions.heads.HeadPatch.stack`): one per-example edit
+        ``[n_prompts · c, L, P, d]``, so each layer is one ``index_put``."""
+        if not cls.stackable(edits):
+            raise TvlensError("stacked residual edits must share layers, positions, mode and scale")
+        per = [e.vectors if e.per_example else e.vectors.expand(n_prompts, *e.vectors.shape)
+               for e in edits]
+        if any(v.shape[0] != n_prompts for v in per):
+            raise TvlensError(f"a per-example edit to stack has {per[0].shape[0]} rows, not one "
+                              f"per prompt ({n_prompts})")
+        vectors = torch.stack(per, 1).reshape(n_prompts * len(edits), *per[0].shape[1:])
+        first = edits[0]
+        return cls(first.layers, first.positions, vectors, first.mode, first.scale)
 
     def hooks(self, model, batch: PromptBatch) -> list[Hook]:
         return injection_hooks(model, batch, self)

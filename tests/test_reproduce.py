@@ -224,3 +224,90 @@ def test_a_method_that_refuses_a_model_is_reported_not_judged(tmp_path, loader):
                        lambda ctx: calls.append(1))
     run_parts(tmp_path, [finding2], ["tiny"], 1, "quick", load=loader)
     assert calls == []  # the refusal is cached like any finished part
+
+
+def test_ov_finding_pools_tasks_at_the_base_layer_and_tables_every_layer(tiny, task, monkeypatch,
+                                                                       tmp_path):
+    """The full profile's shape (two tasks, an extra layer) on the tiny model, with a fixed
+    vector per layer standing in for the LTVs: the claims' values are the base layer's
+    accuracies pooled over the tasks' prompts, ``by_layer`` pools each layer, ``per_task``
+    equals ``reinjection_test`` per task and layer, recovery is of the pooled accuracies."""
+    import torch
+
+    import tvlens
+    from tvlens import TaskVector
+    from tvlens.attribution import reinjection_test
+    from tvlens.reproduce.mechanisms import OV_REINJECTION
+
+    monkeypatch.setattr(tvlens, "load_task", lambda name: task)
+
+    def vec(layer):
+        g = torch.Generator().manual_seed(layer)
+        return TaskVector.single(tiny, 3 * torch.randn(tiny.cfg.d_model, generator=g), layer)
+
+    class Ctx(Context):
+        def ltv(self, task, layer, **kw):
+            return vec(layer)
+
+    settings = {"tasks": ["a", "b"], "other_layers": [0.0], "n": 6, "packaged": "unweighted", "ltv": {}}
+    out = OV_REINJECTION.measure(Ctx("tiny", 0, settings, tmp_path, lambda name: tiny))
+    base = tiny.cfg.n_layers // 2
+    assert out["extra"]["layers"] == [0, base] and out["extra"]["layer"] == base
+    single = {layer: reinjection_test(tiny, task, vec(layer), n=6) for layer in (0, base)}
+    for k, sc in single[base].scores.items():  # two copies of the same prompts, pooled
+        assert out["values"][k] == value(accuracy(np.concatenate([sc, sc]), seed=0))
+    assert {r["layer"] for r in out["tables"]["by_layer"]} == {0, base}
+    assert len(out["tables"]["per_task"]) == 2 * 2 * len(single[base].accuracies)
+    for r in out["tables"]["per_task"]:
+        assert r["accuracy"] == single[r["layer"]].accuracies[r["condition"]].value
+    acc = {r["condition"]: r["accuracy"] for r in out["tables"]["conditions"]}
+    for r in out["tables"]["conditions"]:
+        gain = acc["vector"] - acc["zero_shot"]
+        if r["condition"] not in ("zero_shot", "vector") and gain > 0:
+            assert r["recovery"] == pytest.approx((r["accuracy"] - acc["zero_shot"]) / gain)
+
+
+def test_reports_of_separate_runs_merge_into_one(tmp_path, loader, capsys):
+    """Two runs of different findings → one report with both results as they were judged,
+    in report order; other settings, other versions, a clash and an existing report are
+    refused in one line."""
+    from tvlens.cli import main
+    from tvlens.reproduce.report import merge_reports
+
+    a, b = _finding([]), _finding([])
+    b = Finding("tiny-icl-2", b.title, b.paper, b.paper_values, b.claims, b.profiles, b.measure, b.figure)
+    reps = {}
+    for f in (a, b):
+        parts = run_parts(tmp_path / f.id, [f], ["tiny"], 1, "quick", load=loader)
+        reps[f.id] = assemble([f], parts, models=["tiny"], seeds=1, profile="quick")
+        write_outputs(tmp_path / f.id, reps[f.id], [f], figures=False)
+    paths = [tmp_path / "tiny-icl-2" / "report.json", tmp_path / "tiny-icl" / "report.json"]
+    merged = merge_reports(paths)
+    assert [r["finding"] for r in merged["results"]] == ["tiny-icl-2", "tiny-icl"]  # not in FINDINGS: as given
+    assert merged["results"][1] == json.loads(paths[1].read_text())["results"][0]
+    assert [m["report"] for m in merged["merged_from"]] == [str(p) for p in paths]
+    assert merged["models"] == ["tiny"] and merged["seeds"] == 1
+    with pytest.raises(TvlensError, match="at least two"):
+        merge_reports(paths[:1])
+    other = json.loads(paths[0].read_text())
+    other["versions"] = {**other["versions"], "torch": "0.0"}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(TvlensError, match="other versions"):
+        merge_reports([paths[1], tmp_path / "other.json"])
+    clash = json.loads(paths[1].read_text())
+    clash["results"][0]["verdict"] = "does not reproduce"
+    (tmp_path / "clash.json").write_text(json.dumps(clash))
+    with pytest.raises(TvlensError, match="both hold tiny-icl on tiny"):
+        merge_reports([paths[1], tmp_path / "clash.json"])
+    clash["created"] = "2999-01-01T00:00:00"  # newer: it wins under supersede, in either order
+    (tmp_path / "clash.json").write_text(json.dumps(clash))
+    for order in ([paths[1], tmp_path / "clash.json"], [tmp_path / "clash.json", paths[1]]):
+        newest = merge_reports(order, supersede=True)
+        assert [r["verdict"] for r in newest["results"]] == ["does not reproduce"]
+        assert newest["superseded"] == [f"tiny-icl/tiny made {merged['merged_from'][1]['created']}"]
+    out = tmp_path / "merged"
+    assert main(["reproduce", "--merge", *map(str, paths), "--out", str(out), "--no-figures"]) == 0
+    assert json.loads((out / "report.json").read_text())["results"] == merged["results"]
+    assert "Merged from 2 runs" in (out / "report.md").read_text()
+    assert main(["reproduce", "--merge", *map(str, paths), "--out", str(out), "--no-figures"]) == 2
+    assert "exists; give another --out, or --overwrite" in capsys.readouterr().err

@@ -18,14 +18,14 @@ Every accuracy is scored by :func:`tvlens.evaluation.evaluate` on one prompt set
 has its CI) and reported as the fraction of θ's gain it recovers, ``(acc − acc₀) / (acc_θ −
 acc₀)``. The terms of the whole prompt set come from one forward with θ and one without
 (:func:`~tvlens.attribution.ov.path_terms`); the conditions then run together through the
-one runner (:func:`~tvlens.evaluation.condition_accuracies`): prompt ``i`` under condition
+one runner (:func:`~tvlens.evaluation.condition_correct`): prompt ``i`` under condition
 ``j`` in row ``i·c + j``, and on a model with a Hugging Face KV cache the prompts' prefix
 runs once for every condition that writes only at the query.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jaxtyping import Float
 from torch import Tensor
@@ -33,10 +33,10 @@ from torch import Tensor
 from tvlens.attribution.common import ci_list
 from tvlens.attribution.ov import KINDS, PACKAGED, PathTerms, _check, _choose, _names, path_terms
 from tvlens.errors import TvlensError
-from tvlens.evaluation import condition_accuracies, resolve_template
+from tvlens.evaluation import condition_correct, resolve_template
 from tvlens.interventions import Freeze, Intervention, ResidualEdit, resid_hook_name, validate_spec
 from tvlens.prompts import PromptBatch, PromptSet
-from tvlens.stats import Accuracy
+from tvlens.stats import Accuracy, accuracy
 from tvlens.tasks.task import Task
 from tvlens.vector import TaskVector
 
@@ -136,7 +136,8 @@ class FrozenAttention(_Bound):
 @dataclass
 class ReinjectionResult:
     """Accuracies (with CIs) of zero-shot, θ, each re-injection and each control, on one
-    prompt set; ``terms``: :meth:`PathTerms.summary`."""
+    prompt set; ``scores``: each condition's per-prompt correctness (for pooling prompt sets);
+    ``terms``: :meth:`PathTerms.summary`."""
 
     task: str
     layer: int
@@ -146,6 +147,7 @@ class ReinjectionResult:
     accuracies: dict[str, Accuracy]
     terms: dict
     dla_packaged: Float[Tensor, "later head"]
+    scores: dict = field(default_factory=dict, repr=False)  # per prompt: 1.0 correct, 0.0 not
 
     @property
     def n(self) -> int:
@@ -213,7 +215,7 @@ def reinjection_test(model, task: Task, vector: TaskVector, *, n: int = 32, spli
             :data:`CONTROLS`; condition ``f"{kind}@{placement}"`` for each pair.
         packaged: the packaged form, one of :data:`PACKAGED`.
         batch_size: rows (prompts × conditions) per forward of the conditions, which go
-            along the batch (:func:`~tvlens.evaluation.condition_accuracies`); those that
+            along the batch (:func:`~tvlens.evaluation.condition_correct`); those that
             write only at the query (all but ``frozen_attention``, and ``"own"`` with θ
             before the query) share one KV cache of the prompts' prefix. The terms are computed on the
             whole prompt set at once, so nothing depends on it.
@@ -231,9 +233,10 @@ def reinjection_test(model, task: Task, vector: TaskVector, *, n: int = 32, spli
                               template=resolve_template(vector, template, what="reinjection_test"))
     terms = path_terms(model, prompts, vector, packaged=packaged)
     conditions = reinjection_conditions(terms, vector, kinds, placements, controls)
-    accs = condition_accuracies(model, prompts, conditions, batch_size=batch_size, seed=seed)
+    scores = condition_correct(model, prompts, conditions, batch_size=batch_size)
+    accs = {k: accuracy(v, seed=seed) for k, v in scores.items()}
     return ReinjectionResult(task.name, layer, prompts.template_name, packaged, terms.later_layers,
-                             accs, terms.summary(), terms.ov.dla_packaged.cpu())
+                             accs, terms.summary(), terms.ov.dla_packaged.cpu(), scores)
 
 
 __all__ = ["CONTROLS", "PLACEMENTS", "FrozenAttention", "Reinjection", "ReinjectionResult",

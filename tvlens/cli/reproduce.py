@@ -25,6 +25,11 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace parts made with other settings (the old ones are kept aside)")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG/PDF export")
+    p.add_argument("--merge", nargs="+", metavar="REPORT", default=None,
+                   help="run nothing: join these report.json files (same profile, seeds and "
+                        "versions; made one finding at a time, or elsewhere) into DIR's report")
+    p.add_argument("--supersede", action="store_true",
+                   help="with --merge: a finding × model in several reports keeps the newest one")
     add_json_arg(p)
     p.set_defaults(func=cmd_reproduce)
 
@@ -44,6 +49,8 @@ def register(sub) -> None:
 def cmd_reproduce(args) -> int:
     from tvlens.reproduce import reproduce
 
+    if args.merge is not None:
+        return _merge(args)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
@@ -61,6 +68,34 @@ def cmd_reproduce(args) -> int:
     else:
         print_table(rows)
         print(f"report: {args.out}/report.html, report.json, report.md")
+    return 0
+
+
+def _merge(args) -> int:
+    from pathlib import Path
+
+    from tvlens.errors import TvlensError
+    from tvlens.reproduce import get_findings
+    from tvlens.reproduce.render import write_outputs
+    from tvlens.reproduce.report import merge_reports
+
+    report = merge_reports(args.merge, supersede=args.supersede)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise TvlensError(f"{str(out)!r} is a file; --out must be a folder")
+    if (out / "report.json").exists() and not args.overwrite:
+        raise TvlensError(f"{out / 'report.json'} exists; give another --out, or --overwrite to "
+                          "replace that report")
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(out, report, get_findings(), figures=not args.no_figures)
+    rows = [{"finding": r["finding"], "model": r["model"], "verdict": r["verdict"]}
+            for r in report["results"]]
+    if args.json:
+        print_json({"out": args.out, "results": rows})
+    else:
+        print_table(rows)
+        print(f"report: {args.out}/report.html, report.json, report.md (merged from "
+              f"{len(args.merge)} reports)")
     return 0
 
 

@@ -1,102 +1,22 @@
-"""The findings ``tvlens reproduce`` regenerates: what each paper claims, how we measure it.
+"""The findings ``tvlens reproduce`` regenerates, in report order (:data:`FINDINGS`).
 
-A :class:`Finding` has the paper's claim in words, the paper's numbers with their
-source, the comparisons its verdict is judged on (:mod:`tvlens.reproduce.verdicts`),
-the settings of each profile (``quick``: minutes on a laptop; ``full``: the real
-reproduction) and ``measure(ctx)``, which runs the finding for one model and seed through
-tvlens's public API only (``tvlens.evaluate``, ``tvlens.extract``, ``tvlens.learn``, ...),
-so the report exercises what users call. ``measure`` returns
-
-    {"values": {name: {"value", "ci_low", "ci_high", "n"}},   # what the claims compare
-     "tables": {name: [row, ...]},                              # for the report's tables
-     }
-
-Each value's interval is the one tvlens reports for it (bootstrap over items for
-accuracies, :func:`tvlens.stats.accuracy`; exact for rates logged without records).
+What a finding is — its claim, paper values, profiles and ``measure(ctx)`` — is in
+:mod:`tvlens.reproduce.finding`. Here: the extracted, learned, adaptive and TVP findings;
+the LTV mechanism ones (key heads, OV re-injection, rotation vs scaling) are in
+:mod:`tvlens.reproduce.mechanisms`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from tvlens.errors import TvlensError
 from tvlens.reproduce import figures
+from tvlens.reproduce.finding import (PROFILES, Context, Finding, PaperValue, base_layer,  # noqa: F401
+                                      item_scores, resolve_layers, value)
+from tvlens.reproduce.mechanisms import KEY_HEADS, OV_REINJECTION, ROTATION
 from tvlens.reproduce.verdicts import Claim
-from tvlens.stats import Accuracy, accuracy, proportion
-
-PROFILES = ("quick", "full")
-
-
-@dataclass(frozen=True)
-class PaperValue:
-    """A number a paper reports (``None``: the paper states the claim without a number we
-    can cite), with where it is from."""
-
-    value: float | None
-    source: str
-
-
-@dataclass(frozen=True)
-class Finding:
-    id: str
-    title: str
-    paper: str  # the claim in the paper's words (paraphrased), with the paper
-    paper_values: dict[str, PaperValue]
-    claims: tuple[Claim, ...]
-    profiles: dict[str, dict[str, Any]]
-    measure: Callable[[Context], dict]
-    figure: Callable[[dict], Any] | None = None
-    synthetic: bool = False  # trains its own model from scratch: run once, not per model
-
-    def settings(self, profile: str) -> dict[str, Any]:
-        if profile not in self.profiles:
-            raise TvlensError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
-        return dict(self.profiles[profile])
-
-
-@dataclass
-class Context:
-    """What ``measure`` gets: the model (loaded once, shared by findings), the seed, the
-    profile's settings and a folder for artefacts findings share (trained vectors)."""
-
-    model_name: str
-    seed: int
-    settings: dict[str, Any]
-    artifacts: Path
-    load: Callable[[str], Any] = field(repr=False, default=None)
-
-    @property
-    def model(self):
-        return self.load(self.model_name)
-
-    def ltv(self, task, layer: int, **kw):
-        """The LTV for ``task`` at ``layer`` (trained once per settings, then loaded)."""
-        from tvlens.learn import learn_task_vector
-        from tvlens.vector import TaskVector
-
-        key = "-".join([task.name, f"L{layer}", f"seed{self.seed}"] +
-                       [f"{k}{v}" for k, v in sorted(kw.items())])
-        path = self.artifacts / f"ltv-{key}.safetensors"
-        if path.exists():
-            return TaskVector.load(path, self.model)
-        tv = learn_task_vector(self.model, task, layer, seed=self.seed, progress=False, **kw)
-        self.artifacts.mkdir(parents=True, exist_ok=True)
-        tv.save(path, overwrite=True)
-        return tv
-
-
-def value(acc: Accuracy) -> dict[str, float]:
-    return {"value": acc.value, "ci_low": acc.ci_low, "ci_high": acc.ci_high, "n": acc.n}
-
-
-def _scores(result) -> np.ndarray:
-    """Per-item first-token correctness of an :class:`~tvlens.evaluation.EvalResult`."""
-    return result.records["correct"].to_numpy(dtype=float)
+from tvlens.stats import accuracy, proportion
 
 
 # --- hendel-table -------------------------------------------------------------------------
@@ -123,7 +43,7 @@ def _hendel_table(ctx: Context) -> dict:
                    "task_vector": evaluate(model, task, vector=sweep.vectors[layer], **kw),
                    "icl": evaluate(model, task, shots=5, **kw)}
             for k, r in res.items():
-                pooled[k].append(_scores(r))
+                pooled[k].append(item_scores(r))
             rows.append({"format": template, "task": name, "layer": layer,
                          **{k: r.accuracy for k, r in res.items()}, "n": res["icl"].n})
         prefix = "" if template == s["formats"][0] else f"{template}:"
@@ -167,11 +87,6 @@ HENDEL = Finding(
 
 # --- ltv-vs-extracted --------------------------------------------------------------------
 
-def _base_layer(model) -> int:
-    """LTV Table 1's base layer: 16 of Llama-3.1-8B's 32, i.e. the middle (``L // 2``)."""
-    return int(model.cfg.n_layers) // 2
-
-
 def _ltv_vs_extracted(ctx: Context) -> dict:
     """Per task and layer: an LTV (``learn_task_vector``, its config's defaults but for the
     profile's ``ltv`` settings), the vanilla and ICL task vectors (``vanilla_task_vector``,
@@ -183,7 +98,7 @@ def _ltv_vs_extracted(ctx: Context) -> dict:
     from tvlens import evaluate, function_vector, icl_task_vector, load_task, vanilla_task_vector
 
     s, model = ctx.settings, ctx.model
-    base = _base_layer(model)
+    base = base_layer(model)
     layers = sorted(set(resolve_layers(model, s["layers"])) | {base})
     rows, pooled = [], {}
     for name in s["tasks"]:
@@ -200,11 +115,11 @@ def _ltv_vs_extracted(ctx: Context) -> dict:
                              "ci_low": r.ci_low, "ci_high": r.ci_high, "n": r.n,
                              "ltv_stopped": ltv.history.get("stopped") if method == "ltv" else ""})
                 if layer == base:
-                    pooled.setdefault(method, []).append(_scores(r))
+                    pooled.setdefault(method, []).append(item_scores(r))
         kw = dict(n=s["n_test"], seed=ctx.seed, template=ltv.template)
         for ref, shots in (("zero_shot", 0), ("icl", 5)):
             r = evaluate(model, task, shots=shots, **kw)
-            pooled.setdefault(ref, []).append(_scores(r))
+            pooled.setdefault(ref, []).append(item_scores(r))
             rows.append({"task": name, "layer": None, "method": ref, "accuracy": r.accuracy,
                          "ci_low": r.ci_low, "ci_high": r.ci_high, "n": r.n, "ltv_stopped": ""})
     values = {k: value(accuracy(np.concatenate(v), seed=ctx.seed)) for k, v in pooled.items()}
@@ -236,82 +151,6 @@ LTV_VS_EXTRACTED = Finding(
 )
 
 
-# --- key-heads ----------------------------------------------------------------------------
-
-def _key_heads(ctx: Context) -> dict:
-    """An LTV at the base layer per task; ``key_head_analysis`` ranks the heads after it by
-    saliency, ablates the top ``percent`` % (zero and mean) against random sets drawn from
-    the same layers, and repeats the ablations on plain ICL prompts. Values pool the tasks'
-    prompts (each ablated accuracy's interval: bootstrap over prompts)."""
-    from tvlens import load_task
-    from tvlens.attribution import key_head_analysis
-
-    s, model = ctx.settings, ctx.model
-    layer = _base_layer(model)
-    pooled: dict[str, list] = {}
-    rows, histograms = [], {}
-    for name in s["tasks"]:
-        task = load_task(name)
-        tv = ctx.ltv(task, layer, **s["ltv"])
-        res = key_head_analysis(model, task, tv, percent=s["percent"], n=s["n"],
-                                random_control=s["random_control"], ground_truth=s["ground_truth"],
-                                seed=ctx.seed)
-        histograms[name] = res.layer_histogram
-        for setting, by_mode in (("vector", res.ablation), ("icl", res.icl or {})):
-            for mode, r in by_mode.items():
-                for cond in ("baseline", "ablated", "random"):
-                    acc = getattr(r, cond)
-                    key = f"{setting}_{cond}" if cond == "baseline" else f"{setting}_{cond}_{mode}"
-                    rows.append({"task": name, "setting": setting, "mode": mode, "condition": cond,
-                                 "accuracy": acc.value, "ci_low": acc.ci_low, "ci_high": acc.ci_high})
-                    if not (cond == "baseline" and mode != next(iter(by_mode))):
-                        pooled.setdefault(key, []).append(r.scores[cond])
-    values = {k: value(accuracy(np.concatenate(v), seed=ctx.seed)) for k, v in pooled.items()}
-    return {"values": values, "tables": {"ablations": _dedupe(rows)},
-            "extra": {"layer_histogram": histograms, "injection_layer": layer}}
-
-
-def _row_key(r: dict) -> str:
-    return (f"{r['setting']}_baseline" if r["condition"] == "baseline"
-            else f"{r['setting']}_{r['condition']}_{r['mode']}")
-
-
-def _dedupe(rows: list[dict]) -> list[dict]:
-    seen, out = set(), []
-    for r in rows:
-        k = (r["task"], _row_key(r))
-        if k not in seen:
-            seen.add(k)
-            out.append(r)
-    return out
-
-
-KEY_HEADS = Finding(
-    id="key-heads",
-    title="Key heads carry the learned vector (Yang, Cho, et al. 2025)",
-    paper=("LTV paper, mechanism section: ablating the 10% most salient heads drops the LTV's "
-           "accuracy from 83% to 51%, ablating a random 10% only to 78%; key heads sit just after "
-           "the injection layer and in the last layers."),
-    paper_values={
-        "vector_baseline": PaperValue(0.83, "LTV paper, key-head ablation (Llama-3.1-8B)"),
-        "vector_ablated_zero": PaperValue(0.51, "the same experiment (ablation type as in the paper)"),
-        "vector_random_zero": PaperValue(0.78, "the same experiment, random 10%"),
-    },
-    claims=(Claim("ablating key heads hurts the vector more than random heads (zero ablation)",
-                  "vector_random_zero", "vector_ablated_zero"),
-            Claim("ablating key heads lowers the vector's accuracy (zero ablation)",
-                  "vector_baseline", "vector_ablated_zero")),
-    profiles={
-        "quick": {"tasks": ["capitalize"], "percent": 10.0, "n": 24, "random_control": 3,
-                  "ground_truth": False, "ltv": {"steps": 60}},
-        "full": {"tasks": ["capitalize", "antonym", "present_past"], "percent": 10.0, "n": 48,
-                 "random_control": 10, "ground_truth": True, "ltv": {}},
-    },
-    measure=_key_heads,
-    figure=figures.key_heads_figure,
-)
-
-
 # --- ltv-composition ----------------------------------------------------------------------
 
 def _composition(ctx: Context) -> dict:
@@ -321,7 +160,7 @@ def _composition(ctx: Context) -> dict:
     from tvlens.learn.experiments import composition
 
     s, model = ctx.settings, ctx.model
-    df = composition(model, s["first"], s["second"], _base_layer(model), n=s["n"], seed=ctx.seed,
+    df = composition(model, s["first"], s["second"], base_layer(model), n=s["n"], seed=ctx.seed,
                      progress=False, **s["ltv"])
     names = {"zero-shot": "zero_shot", f"θ_{s['first']}": "first_alone",
              f"θ_{s['second']}": "second_alone", f"θ_{s['first']} + θ_{s['second']}": "sum"}
@@ -352,102 +191,6 @@ COMPOSITION = Finding(
     },
     measure=_composition,
     figure=figures.composition_figure,
-)
-
-
-# --- ov-reinjection -----------------------------------------------------------------------
-
-def _ov_reinjection(ctx: Context) -> dict:
-    """An LTV at the base layer; ``reinjection_test`` re-injects its direct OV terms
-    (attention-weighted; packaged in the profile's form) and MLP terms (direct; total) at
-    every placement, with the two controls (θ minus its OV terms; θ with later attention
-    frozen at zero-shot patterns). Every accuracy on one prompt set, with its CI."""
-    from tvlens import load_task
-    from tvlens.attribution import reinjection_test
-
-    s, model = ctx.settings, ctx.model
-    task = load_task(s["task"])
-    tv = ctx.ltv(task, _base_layer(model), **s["ltv"])
-    res = reinjection_test(model, task, tv, n=s["n"], packaged=s["packaged"], seed=ctx.seed)
-    values = {k: value(a) for k, a in res.accuracies.items()}
-    rows = [{"condition": k, "accuracy": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high,
-             "recovery": res.recovery(k) if k not in ("zero_shot", "vector") else float("nan")}
-            for k, a in res.accuracies.items()]
-    return {"values": values, "tables": {"conditions": rows},
-            "extra": {"packaged": s["packaged"], "layer": res.layer}}
-
-
-OV_REINJECTION = Finding(
-    id="ov-reinjection",
-    title="The learned vector acts through attention heads' OV circuits (Yang, Cho, et al. 2025)",
-    paper=("LTV paper, mechanism section: re-injecting the packaged OV effect of θ through the later "
-           "heads (attention weights dropped, the form of a function vector) recovers a large part of "
-           "the LTV's gain (~52% accuracy vs 83% for the full LTV and ~0% zero-shot), while the "
-           "analogous MLP-path reconstruction recovers little; the placement is not stated."),
-    paper_values={
-        "vector": PaperValue(0.83, "LTV paper, OV re-injection experiment (Llama-3.1-8B)"),
-        "ov_packaged@own": PaperValue(0.52, "the same experiment; its placement is not stated, "
-                                            "compared here at θ's own place"),
-    },
-    claims=(Claim("re-injecting the packaged OV terms in θ's place beats zero-shot",
-                  "ov_packaged@own", "zero_shot"),
-            Claim("the packaged OV path recovers more than the direct MLP path (same placement)",
-                  "ov_packaged@own", "mlp_direct@own")),
-    profiles={
-        "quick": {"task": "capitalize", "n": 24, "packaged": "unweighted", "ltv": {"steps": 60}},
-        "full": {"task": "capitalize", "n": 64, "packaged": "unweighted", "ltv": {}},
-    },
-    measure=_ov_reinjection,
-    figure=figures.ov_figure,
-)
-
-
-# --- rotation-scaling ---------------------------------------------------------------------
-
-def _rotation_scaling(ctx: Context) -> dict:
-    """LTVs at an early and a late layer (and any others the profile names); for each,
-    ``rotation_scaling`` fits ``W`` per prompt (the prompt held fixed for all copies) and
-    reports cos(θ, Qθ), ‖Sθ‖/‖θ‖ and held-out R² with intervals over prompts."""
-    from tvlens import load_task
-    from tvlens.attribution import rotation_scaling
-
-    s, model = ctx.settings, ctx.model
-    layers = resolve_layers(model, s["layers"])
-    task = load_task(s["task"])
-    values, rows = {}, []
-    for i, layer in enumerate(layers):
-        tv = ctx.ltv(task, layer, **s["ltv"])
-        res = rotation_scaling(model, task, tv, n_copies=s["n_copies"], n=s["n"],
-                               n_fit_prompts=s["n_fit_prompts"], seed=ctx.seed)
-        tag = "early" if i == 0 else "late" if i == len(layers) - 1 else f"layer{layer}"
-        for k in ("rotation_cos", "scale_ratio", "fit_r2"):
-            iv = res.intervals[k]
-            values[f"{k}_{tag}"] = value(iv)
-        row = {"layer": layer, **{k: res.intervals[k].value for k in ("rotation_cos", "scale_ratio", "fit_r2")},
-               "vector_accuracy": res.vector_accuracy, "linear_accuracy": res.linear_accuracy,
-               "zero_shot": res.zero_shot}
-        rows.append(row)
-    return {"values": values, "tables": {"by_layer": rows}}
-
-
-ROTATION = Finding(
-    id="rotation-scaling",
-    title="Early vectors are rotated, late ones scaled (Yang, Cho, et al. 2025)",
-    paper=("LTV paper, mechanism section: the final-layer change caused by θ injected at layer l "
-           "is a linear image W_l θ; in the polar decomposition W = QS, cos(θ, Qθ) is low for "
-           "early layers and approaches 1 for late ones (rotation early, scaling late)."),
-    paper_values={"rotation_cos_late": PaperValue(None, "read from the LTV paper's rotation figure: "
-                                                        "close to 1 at late layers (approximate)")},
-    claims=(Claim("rotation weakens with depth: cos(θ, Qθ) is higher late than early",
-                  "rotation_cos_late", "rotation_cos_early"),),
-    profiles={
-        "quick": {"task": "capitalize", "layers": [0.2, 0.8], "n_copies": 640, "n_fit_prompts": 2,
-                  "n": 16, "ltv": {"steps": 60}},
-        "full": {"task": "capitalize", "layers": [0.1, 0.3, 0.5, 0.7, 0.9], "n_copies": 2400,
-                 "n_fit_prompts": 4, "n": 32, "ltv": {}},
-    },
-    measure=_rotation_scaling,
-    figure=figures.rotation_figure,
 )
 
 
@@ -485,7 +228,7 @@ def _atv(ctx: Context) -> dict:
                     runs.update(zero_shot=evaluate(target, task, **kw),
                                 icl=evaluate(target, task, shots=5, **kw))
                 for method, r in runs.items():
-                    pooled.setdefault(f"{method}_{group}", []).append(_scores(r))
+                    pooled.setdefault(f"{method}_{group}", []).append(item_scores(r))
                     rows.append({"task": task.name, "group": group, "method": method,
                                  "accuracy": r.accuracy, "ci_low": r.ci_low, "ci_high": r.ci_high,
                                  "n": r.n, "train_steps": history.get("steps")})
@@ -585,16 +328,6 @@ TVP = Finding(
 
 FINDINGS: dict[str, Finding] = {f.id: f for f in (HENDEL, LTV_VS_EXTRACTED, COMPOSITION, OV_REINJECTION,
                                                   KEY_HEADS, ROTATION, ATV, TVP)}
-
-
-def resolve_layers(model, layers) -> list[int]:
-    """A profile's layers for ``model``: ``"middle_half"`` (layers L/4 … 3L/4), or a list of
-    fractions of the depth (``0.5`` → layer ``round(0.5 · (L − 1))``), so one profile fits
-    models of any depth."""
-    n = int(model.cfg.n_layers)
-    if layers == "middle_half":
-        return list(range(n // 4, (3 * n) // 4 + 1))
-    return sorted({int(round(float(f) * (n - 1))) for f in layers})
 
 
 def get_findings(only: str | list[str] | None = None) -> list[Finding]:

@@ -78,13 +78,22 @@ def markdown(report: dict) -> str:
     out = [f"# tvlens reproduce — {report['profile']} profile, {report['seeds']} seed(s)", "",
            f"Made {report['created']} with tvlens {report['versions'].get('tvlens', '?')}, "
            f"torch {report['versions'].get('torch', '?')}, transformers "
-           f"{report['versions'].get('transformers', '?')}.", "", "## Summary", "",
+           f"{report['versions'].get('transformers', '?')}.", *_merged_from(report), "", "## Summary", "",
            _md_table(["finding", *models],
                      [[row["finding"], *(row.get(m, "·") for m in models)] for row in summary_rows(report)]),
            "", "## How a verdict is computed", "", report["rule"], ""]
     for r in report["results"]:
         out += finding_markdown(r, title=f"{r['title']} — `{r['finding']}` on {r['model']}")
     return "\n".join(out)
+
+
+def _merged_from(report: dict) -> list[str]:
+    """A line per source report of a merged report (:func:`~tvlens.reproduce.report.merge_reports`)."""
+    src = report.get("merged_from") or []
+    gone = report.get("superseded") or []
+    return (["", f"Merged from {len(src)} runs:", ""]
+            + [f"- made {m['created']}: {', '.join(m['results'])}" for m in src]
+            + ([f"- superseded by a newer run: {', '.join(gone)}"] if gone else [])) if src else []
 
 
 def finding_markdown(r: dict, *, title: str, level: int = 2) -> list[str]:
@@ -184,8 +193,8 @@ def write_outputs(out: Path, report: dict, findings, *, figures: bool = True) ->
     divs: dict[tuple[str, str], tuple[str, list[str]]] = {}
     (out / "figures").mkdir(exist_ok=True)
     for r in report["results"]:
-        finding = by_id[r["finding"]]
-        if finding.figure is None or r.get("refused"):
+        finding = by_id.get(r["finding"])  # None: a merged result of a finding not known here
+        if finding is None or finding.figure is None or r.get("refused"):
             continue
         fig = finding.figure(r)
         files = []

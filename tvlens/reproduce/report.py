@@ -13,6 +13,10 @@ A part is reused when its settings (finding, model, seed, profile settings) are 
 asked; a part made with other settings is refused unless ``overwrite``, and then moved
 aside to ``seed<k>.superseded-<time>.json``, never deleted. An interrupted run keeps
 every finished part, and the same command continues from there.
+
+:func:`merge_reports` joins reports of one profile, seed count and environment made in
+separate runs (findings run one at a time, or on other machines) into one report, each
+result as it was judged (``tvlens reproduce --merge A.json B.json --out DIR``).
 """
 
 from __future__ import annotations
@@ -204,3 +208,62 @@ def reproduce(out: str | Path, *, models: Sequence[str] = DEFAULT_MODELS, seeds:
 
     write_outputs(out, report, findings, figures=figures)
     return report
+
+
+def read_report(path: str | Path) -> dict:
+    """A ``report.json`` of :func:`reproduce`, or one error line saying it is not one."""
+    report = read_json(path, what="report")
+    if not isinstance(report, dict) or "results" not in report or "profile" not in report:
+        raise TvlensError(f"{path} is not a report of `tvlens reproduce` (no 'results'/'profile'); "
+                          "pass DIR/report.json")
+    return report
+
+
+def merge_reports(paths: Sequence[str | Path], *, supersede: bool = False) -> dict:
+    """One report holding every result of the reports at ``paths`` (module docstring).
+
+    They must share profile, seeds, rule and versions (a result is only comparable with
+    results made the same way); a finding × model in two of them must be the same result,
+    unless ``supersede``: then the newest report's (by ``created``) is kept and the others
+    are listed under ``superseded``. Results are ordered as
+    :data:`~tvlens.reproduce.findings.FINDINGS`, then by model in order of appearance;
+    ``created`` is the newest, and ``merged_from`` lists each source's ``created`` and
+    results."""
+    if len(paths) < 2:
+        raise TvlensError("--merge needs at least two report.json files")
+    reports = [(str(p), read_report(p)) for p in paths]
+    first_path, first = reports[0]
+    for path, rep in reports[1:]:
+        for key in ("profile", "seeds", "rule", "versions"):
+            if rep.get(key) != first.get(key):
+                raise TvlensError(f"{path} was made with other {key} than {first_path} "
+                                  f"({rep.get(key)!r:.80} vs {first.get(key)!r:.80}); merge only "
+                                  "reports of one profile, seed count and environment")
+    by_key: dict[tuple[str, str], dict] = {}
+    made: dict[tuple[str, str], str] = {}
+    superseded: list[str] = []
+    models: list[str] = []
+    for path, rep in sorted(reports, key=lambda pr: pr[1]["created"]) if supersede else reports:
+        for r in rep["results"]:
+            key = (r["finding"], r["model"])
+            if key in by_key and by_key[key] != r:
+                if not supersede:
+                    raise TvlensError(f"{path} and another report both hold {key[0]} on {key[1]}, "
+                                      "with different results; merge reports of different findings "
+                                      "or models, or pass --supersede to keep the newest")
+                superseded.append(f"{key[0]}/{key[1]} made {made[key]}")
+            by_key[key], made[key] = r, rep["created"]
+            if r["model"] not in models:
+                models.append(r["model"])
+    order = {fid: i for i, fid in enumerate(f.id for f in get_findings())}
+    results = sorted(by_key.values(), key=lambda r: (order.get(r["finding"], len(order)),
+                                                      models.index(r["model"])))
+    asked = [m for _, rep in reports for m in rep["models"]]
+    return {"profile": first["profile"], "models": list(dict.fromkeys(asked)),
+            "seeds": first["seeds"], "rule": first["rule"], "versions": first["versions"],
+            "created": max(rep["created"] for _, rep in reports),
+            "merged_from": [{"report": path, "created": rep["created"],
+                             "results": [f"{r['finding']}/{r['model']}" for r in rep["results"]]}
+                            for path, rep in reports],
+            **({"superseded": superseded} if superseded else {}),
+            "results": results}

@@ -52,15 +52,17 @@ def test_which_conditions_touch_only_the_last_token(tiny, task):
                      "frozen": False}
 
 
-@pytest.mark.parametrize("which", ["native", "hf"])
-def test_conditions_along_the_batch_equal_evaluate_one_by_one(tiny, hf, task, which):
+@pytest.mark.parametrize("which,batch_size", [("native", 12), ("hf", 12), ("hf", 4)])
+def test_conditions_along_the_batch_equal_evaluate_one_by_one(tiny, hf, task, which, batch_size):
     """Native model: every condition on full forwards; Hugging Face model: the KV cache for
     the seven that touch only the query, full forwards for the two that do not — the same
-    accuracies and bootstrap intervals as one evaluate per condition (chunks of 3)."""
+    accuracies and bootstrap intervals as one evaluate per condition (chunks of 3). With
+    ``batch_size`` 12 the 6 prompts are one chunk, 2 conditions per forward; with 4, chunks
+    of 4 and 2 prompts (per-prompt terms cut to each chunk)."""
     model = tiny if which == "native" else hf
     ps = PromptSet.build(model, task, n=6, shots=1)  # 1-shot: a prefix worth caching
     conds = _conditions(model, ps)
-    got = condition_accuracies(model, ps, conds, batch_size=12, seed=3)  # 2 conditions per forward
+    got = condition_accuracies(model, ps, conds, batch_size=batch_size, seed=3)
     for name, iv in conds.items():
         want = tvlens.evaluate(model, task, vector=iv, prompts=ps, batch_size=3, seed=3).interval
         assert got[name] == want, name

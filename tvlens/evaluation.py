@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from tvlens.errors import TvlensError
 from tvlens.interventions.base import as_intervention, describe
@@ -188,20 +189,32 @@ def condition_correct(model, prompts: PromptSet, conditions: dict, *, common=Non
                       progress: bool | None = None) -> dict[str, np.ndarray]:
     """Per prompt, whether the first answer token is the argmax (``1.0`` / ``0.0``, what
     :func:`evaluate` records as ``correct``) under ``common`` plus each intervention of
-    ``conditions`` (``None``: ``common`` alone), all through one
-    :func:`~tvlens.runner.run_variants` call: the conditions go along the batch (prompt
-    ``i`` under condition ``j`` in row ``i·c + j``), and on a model with a Hugging Face KV
-    cache those that touch only the last token share one forward of the prompts' prefix
-    (``prefix_cache``: ``"auto"``, ``True`` or ``False``, as there). ``batch_size``: rows per
-    forward (every prompt is in each one)."""
+    ``conditions`` (``None``: ``common`` alone).
+
+    The prompts go in chunks of at most ``batch_size``; each chunk is one
+    :func:`~tvlens.runner.run_variants` call, with as many conditions along the batch as fit
+    in ``batch_size`` rows (prompt ``i`` under condition ``j`` in row ``i·c + j``), and on a
+    model with a Hugging Face KV cache the conditions that touch only the last token share
+    one forward of the chunk's prefix (``prefix_cache``: ``"auto"``, ``True`` or ``False``, as
+    there). Interventions holding one value per prompt are cut to each chunk (``for_rows``)."""
+    from tvlens.runner import chunk_rows, chunks, for_rows
+
     names = list(conditions)
     variants = [conditions[k] for k in names if conditions[k] is not None]
-    out = run_variants(model, prompts.batch, variants, common=common, batch_size=batch_size,
-                       prefix_cache=prefix_cache, progress=progress, desc="conditions")
-    targets = prompts.batch.first_answer_ids.cpu()
-    preds = iter(out.predictions)
-    return {k: ((out.base_prediction if conditions[k] is None else next(preds)) == targets)
-            .numpy().astype(float) for k in names}
+    batch = prompts.batch
+    B = len(batch)
+    base, preds = [], []
+    for rows, part in zip(chunk_rows(B, batch_size), chunks(batch, batch_size)):
+        out = run_variants(model, part, [for_rows(v, rows, B) for v in variants],
+                           common=for_rows(as_intervention(common), rows, B),
+                           batch_size=max(batch_size, len(part)), prefix_cache=prefix_cache,
+                           progress=progress, desc="conditions")
+        base.append(out.base_prediction)
+        preds.append(out.predictions)
+    targets = batch.first_answer_ids.cpu()
+    base_t, preds_t = torch.cat(base), iter(torch.cat(preds, dim=1))
+    return {k: ((base_t if conditions[k] is None else next(preds_t)) == targets).numpy().astype(float)
+            for k in names}
 
 
 def condition_accuracies(model, prompts: PromptSet, conditions: dict, *, common=None,

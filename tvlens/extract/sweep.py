@@ -1,8 +1,11 @@
 """Layer sweeps and one-call extraction for the three extracted methods.
 
 A sweep evaluates a method's vector injected at each layer ``l`` (first-token accuracy
-with a 95% bootstrap CI, :func:`tvlens.evaluation.evaluate`) next to two references on
-the same items: zero-shot (no vector) and K-shot ICL. ``layer="auto"`` picks the layer
+with a 95% bootstrap CI, the numbers :func:`tvlens.evaluation.evaluate` gives) next to two
+references on the same items: zero-shot (no vector) and K-shot ICL. The layers' vectors
+and zero-shot are scored together (:func:`tvlens.evaluation.condition_accuracies`: on a
+model with a KV cache, the prompts' prefix runs once for every layer whose vector sits at
+the last token); ``metric="exact_match"`` decodes, one evaluate per layer. ``layer="auto"`` picks the layer
 with the best accuracy on the **dev** split (ties → the earliest layer); the reported
 numbers then come from the **test** split, so the choice never sees test items.
 
@@ -33,13 +36,13 @@ from typing import Any
 import pandas as pd
 
 from tvlens.errors import TvlensError
-from tvlens.evaluation import EvalResult, evaluate
+from tvlens.evaluation import EvalResult, condition_accuracies, evaluate
 from tvlens.extract.fv import function_vector
 from tvlens.extract.icl_tv import icl_task_vector, vanilla_task_vector
 from tvlens.interventions import check_layer
 from tvlens.methods import FVConfig, ICLTVConfig, VanillaConfig
 from tvlens.models.loading import fingerprint
-from tvlens.prompts import answer_token_ids
+from tvlens.prompts import PromptSet, answer_token_ids
 from tvlens.results import LayerCurve
 from tvlens.stats import Accuracy, accuracy
 from tvlens.tasks.task import Task
@@ -187,13 +190,16 @@ def layer_sweep(model, task: Task, method: str, layers: Sequence[int] | None = N
     em = metric == "exact_match"
     kw = dict(split=split, n=n, template=template, batch_size=batch_size, seed=seed,
               exact_match=em, progress=False)
-    rows = []
-    for layer in layers:
-        r = evaluate(model, task, vector=vectors[layer], **kw)
-        acc = _row(r, metric)
-        rows.append({"layer": layer, "accuracy": acc.value, "ci_low": acc.ci_low,
-                     "ci_high": acc.ci_high, "n": r.n})
-    references = {"zero-shot": _row(evaluate(model, task, shots=0, **kw), metric),
+    if em:  # greedy decoding: one evaluate per layer
+        accs = {layer: _row(evaluate(model, task, vector=vectors[layer], **kw), metric) for layer in layers}
+        accs["zero-shot"] = _row(evaluate(model, task, shots=0, **kw), metric)
+    else:  # the layers' vectors and zero-shot along the batch, on one prompt set
+        prompts = PromptSet.build(model, task, split=split, n=n, seed=seed, template=template)
+        conditions = {"zero-shot": None, **{layer: vectors[layer] for layer in layers}}
+        accs = condition_accuracies(model, prompts, conditions, batch_size=batch_size, seed=seed)
+    rows = [{"layer": layer, "accuracy": accs[layer].value, "ci_low": accs[layer].ci_low,
+             "ci_high": accs[layer].ci_high, "n": accs[layer].n} for layer in layers]
+    references = {"zero-shot": accs["zero-shot"],
                   f"ICL ({shots}-shot)": _row(evaluate(model, task, shots=shots, **kw), metric)}
     return LayerSweep(name=method, rows=rows, references=references, task=task.name,
                       model=fingerprint(model).name, split=split, shots=shots,

@@ -1,8 +1,9 @@
-"""The OV re-injection test's conditions through one runner vs one evaluate each, SmolLM2-135M.
+"""Many conditions on one prompt set through one runner vs one evaluate each, SmolLM2-135M.
 
-    python benchmarks/bench_reinjection.py                   # capitalize, LTV at layer 15, n 24
-    python benchmarks/bench_reinjection.py --vector V.pt --n 64
+    python benchmarks/bench_conditions.py                   # capitalize, LTV at layer 15, n 24
+    python benchmarks/bench_conditions.py --vector V.pt --n 64
 
+**Re-injection.**
 ``reinjection_test`` scores zero-shot, θ, every kind of term at every placement (4 × 4) and
 the two controls on one prompt set: 20 conditions. The reference path is tvlens ≤ 0.5's: one
 :func:`tvlens.evaluate` per condition (full forwards, chunks of 16). The fast path is
@@ -15,6 +16,12 @@ disturbed on a shared machine), their ratio, and the whole ``reinjection_test`` 
 included) against the issue-14 budget of 3 min on 2 cores for 24 prompts.
 
 Without ``--vector`` an LTV is trained first (``--steps``, not timed).
+
+**Layer sweep.** ``layer_sweep(..., "icl-tv")`` over the middle half of the layers in
+Hendel's format on ``--n`` dev items (the ``hendel-table`` finding's inner loop): the
+vectors (extracted once, not timed) and zero-shot scored one evaluate each (tvlens ≤ 0.5)
+vs together through :func:`~tvlens.evaluation.condition_accuracies` (what ``layer_sweep``
+does), with the same check of equal numbers.
 """
 
 from __future__ import annotations
@@ -88,6 +95,40 @@ def main() -> None:
         diff = {k: (results['fast'][k], results['reference'][k]) for k in conditions
                 if results['fast'][k] != results['reference'][k]}
         raise SystemExit(f"the fast path differs from the reference: {diff}")
+    sweep(model, task, args)
+
+
+def sweep(model, task, args) -> None:
+    from tvlens.extract.sweep import vectors_by_layer
+
+    L = int(model.cfg.n_layers)
+    layers = list(range(L // 4, 3 * L // 4 + 1))
+    vectors = vectors_by_layer(model, task, "icl-tv", layers, template="hendel")
+    prompts = PromptSet.build(model, task, split="dev", n=args.n, seed=0, template="hendel")
+    conditions = {"zero-shot": None, **vectors}
+
+    def reference():
+        return {k: evaluate(model, task, vector=v, prompts=prompts, batch_size=16,
+                            progress=False).interval for k, v in conditions.items()}
+
+    def fast():
+        return condition_accuracies(model, prompts, conditions, batch_size=16)
+
+    times: dict[str, list[float]] = {"reference": [], "fast": []}
+    results = {}
+    for _ in range(args.reps):
+        for name, fn in (("reference", reference), ("fast", fast)):
+            t = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    ref, new = min(times["reference"]), min(times["fast"])
+    print(f"layer sweep: icl-tv, hendel format, layers {layers[0]}..{layers[-1]} ({len(layers)}), "
+          f"n {args.n} dev items")
+    print(f"layers + zero-shot, one evaluate each : {ref:.1f} s")
+    print(f"layers + zero-shot, one runner        : {new:.1f} s   ratio {new / ref:.3f}")
+    print(f"same accuracies and intervals         : {results['fast'] == results['reference']}")
+    if results["fast"] != results["reference"]:
+        raise SystemExit("the fast path differs from the reference")
 
 
 if __name__ == "__main__":

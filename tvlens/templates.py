@@ -112,15 +112,20 @@ ATV_NATURAL: dict[str, tuple[str, ...]] = {
 }
 
 
-def atv_template(natural: str) -> Template:
+ATV_ANSWER_CUES = ("Answer:", "The answer is", "A:")  # ATV_evaluate.py:269
+
+
+def atv_template(natural: str, cue: str = "A:") -> Template:
     """One ATV target template: the natural-language ``natural`` (``{x}`` — or ATV's own
-    ``{input}`` — once) with ``"\\nA:"`` appended, the answer ``" {y}"``; a demonstration
-    ends with ``"\\n\\n"`` (utils/data_utils.py:250-257)."""
+    ``{input}`` — once) with ``"\\n" + cue`` appended (training: ``"A:"``), the answer
+    ``" {y}"``; a demonstration ends with ``"\\n\\n"`` (utils/data_utils.py:250-257)."""
     text = natural.replace("{input}", "{x}")
     if "{y}" in text or text.count("{x}") != 1:
         raise TvlensError(f"ATV template {natural!r} must contain {{x}} (or {{input}}) once and no "
                           "{y}: the answer follows the appended '\\nA:'")
-    return Template(text + "\nA: {y}\n\n")
+    if cue not in ATV_ANSWER_CUES:
+        raise TvlensError(f"unknown ATV answer cue {cue!r}; use one of {', '.join(map(repr, ATV_ANSWER_CUES))}")
+    return Template(text + "\n" + cue + " {y}\n\n")
 
 
 def atv_templates(task: str, natural: Sequence[str] | None = None) -> list[Template]:
@@ -131,6 +136,19 @@ def atv_templates(task: str, natural: Sequence[str] | None = None) -> list[Templ
     if texts is not None and len(texts) == 0:
         raise TvlensError(f"no ATV templates given for task {task!r}; give at least one or None")
     return [atv_template(t) for t in texts] if texts is not None else [TEMPLATES["atv"]]
+
+
+def atv_eval_templates(task: str, natural: Sequence[str] | None = None) -> list[Template]:
+    """The released ATV evaluation's templates for ``task``: each natural template (as
+    :func:`atv_templates` finds them) under each of the 3 answer cues
+    (:data:`ATV_ANSWER_CUES`), cue by cue — ``[t + "\\n" + cue for cue in cues for t in
+    naturals]`` (``ATV_evaluate.py:1020``); a task without natural templates keeps
+    ``[TEMPLATES["atv"]]``."""
+    texts = natural if natural is not None else ATV_NATURAL.get(task)
+    if texts is None:
+        return atv_templates(task, natural)
+    atv_templates(task, texts)  # the same checks
+    return [atv_template(t, cue) for cue in ATV_ANSWER_CUES for t in texts]
 
 
 def get_template(template: str | Template) -> Template:

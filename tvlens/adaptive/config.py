@@ -40,9 +40,12 @@ What tvlens cannot copy: the generator is GPT-2 small (124 M, d 768) there; the 
 model we ship is SmolLM2-135M (d 576, also a decoder LM), whose Llama blocks have no
 dropout (attention dropout 0), so "dropout on" changes nothing. The released evaluation
 (``ATV_evaluate.py:269, 518-548, 1020``) feeds the generator the target's natural prompt
-(not its training input) and scores 3 natural × 3 answer cues ("Answer:", "The answer
-is", "A:"); tvlens's generator reads ``query_template`` in training and evaluation alike,
-and the benchmark scores the three training templates.
+(not its training input), adds the vector at the last token only, and scores 3 natural × 3
+answer cues ("Answer:", "The answer is", "A:"): ``tvlens adaptive evaluate --protocol
+reference`` does that (:func:`tvlens.templates.atv_eval_templates`,
+:meth:`~tvlens.adaptive.generator.AdaptiveGenerator.reading_prompts`); the default
+``--protocol train`` reads ``query_template`` as in training, and the benchmark scores the
+three training templates.
 
 Measured on SmolLM2-135M (target and generator; CPU, 1 thread on a shared 2-core machine;
 train on antonym, uppercase, present_past, country_capital; 20 test items per task and

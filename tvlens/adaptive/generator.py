@@ -138,9 +138,20 @@ class AdaptiveGenerator(nn.Module, Intervention):
 
     def generate(self, xs: list[str]) -> Float[Tensor, "batch layer d_model"]:
         """``V(q)`` for each query input ``x`` (unscaled; the injection multiplies by λ)."""
-        if len(xs) == 0:
+        return self.generate_texts(self.queries(list(xs)))
+
+    def generate_texts(self, texts: list[str]) -> Float[Tensor, "batch layer d_model"]:
+        """``V(t)`` for texts the generator reads as they are (no ``query_template``)."""
+        if len(texts) == 0:
             raise TvlensError("no queries to generate vectors for")
-        return self.expansion(self.encoder.encode(self.queries(list(xs))).float())
+        return self.expansion(self.encoder.encode(list(texts)).float())
+
+    def reading_prompts(self, *, position: str = "last", scale: float | None = None) -> PromptReading:
+        """This generator as the released ATV evaluation applies it: it reads each target
+        prompt itself (the natural template with its answer cue, ``ATV_evaluate.py:545``)
+        rather than ``query_template(x)``, and adds ``λ·V`` at ``position`` (the released
+        evaluation: the last token, ``idx=-1``, :555)."""
+        return PromptReading(self, position, self.scale if scale is None else check_scale(scale))
 
     def spec(self, xs: list[str], *, scale: float | None = None) -> ResidualEdit:
         v = self.generate(xs).unsqueeze(2)  # [B, L, 1, d_model]
@@ -262,6 +273,37 @@ class ScaledGenerator(Intervention):
 
     def hooks(self, model, batch: PromptBatch):
         return self.gen.hooks(model, batch, scale=self.scale)
+
+
+class PromptReading(Intervention):
+    """``gen`` reading each row's whole prompt text (:meth:`AdaptiveGenerator.reading_prompts`)."""
+
+    method = "atv"
+
+    def __init__(self, gen: AdaptiveGenerator, position: str, scale: float):
+        if position not in POSITIONS:
+            raise TvlensError(f"unknown position {position!r}; use one of {POSITIONS}")
+        self.gen, self.position, self.scale = gen, position, scale
+
+    @property
+    def made_for(self) -> ModelFingerprint:
+        return self.gen.made_for
+
+    @property
+    def template(self) -> str:
+        return self.gen.template
+
+    @property
+    def last_token_only(self) -> bool:
+        return self.position == "last"
+
+    def describe(self) -> str:
+        return f"ATV reading the prompts (position {self.position}, λ {self.scale:g})"
+
+    def hooks(self, model, batch: PromptBatch):
+        self.gen.check_model(model)
+        v = self.gen.generate_texts(list(batch.prompts)).unsqueeze(2)  # [B, L, 1, d_model]
+        return ResidualEdit(self.gen.layers, (self.position,), v, "add", self.scale).hooks(model, batch)
 
 
 def _rng_fork(device):

@@ -89,6 +89,11 @@ def register(subparsers) -> None:
                    help="demonstrations for the ICL column (default 5)")
     e.add_argument("--scale", type=float, default=None, help="inject with this λ instead of the trained one")
     add_template_arg(e, vector=False, default="the generator's own target format")
+    e.add_argument("--protocol", default="train", choices=("train", "reference"),
+                   help="train (default): prompts and generator input as in training; reference: "
+                        "the released ATV evaluation (each natural template × the answer cues "
+                        "'Answer:', 'The answer is', 'A:'; the generator reads the target prompt; "
+                        "the vector at the last token)")
     add_seed_arg(e)
     add_json_arg(e)
     e.set_defaults(func=_evaluate)
@@ -152,10 +157,18 @@ def _evaluate(args) -> int:
     vector = gen if args.scale is None else gen.scaled(args.scale)
     kw = dict(n=args.n, seed=args.seed, progress=False)
     templates = None
-    if gen.config.natural_templates and args.template is None:  # reference recipe: every template
+    if args.protocol == "reference" and args.template is not None:
+        raise TvlensError("--protocol reference writes its own prompts (ATV's templates × answer "
+                          "cues); drop --template")
+    if args.protocol == "reference" or (gen.config.natural_templates and args.template is None):
         from tvlens.adaptive.templated import eval_templates, evaluate_templates, per_template
+        from tvlens.templates import atv_eval_templates
 
-        tmpls = eval_templates(gen, task)
+        if args.protocol == "reference":  # every template and cue; the generator reads the prompt
+            tmpls = atv_eval_templates(task.name)
+            vector = gen.reading_prompts(scale=args.scale)
+        else:  # reference recipe, training protocol: every training template
+            tmpls = eval_templates(gen, task)
         (atv, a_runs), (zero, z_runs), (icl, i_runs) = (
             evaluate_templates(model, task, tmpls, vector=vector, **kw),
             evaluate_templates(model, task, tmpls, **kw),
@@ -174,7 +187,7 @@ def _evaluate(args) -> int:
               "accuracy": atv.accuracy, "ci_low": atv.ci_low, "ci_high": atv.ci_high,
               "zero_shot": zero.accuracy, "zero_shot_ci": [zero.ci_low, zero.ci_high],
               "icl": icl.accuracy, "icl_ci": [icl.ci_low, icl.ci_high], "icl_shots": args.icl_shots,
-              "recipe": gen.config.recipe}
+              "recipe": gen.config.recipe, "protocol": args.protocol}
     if templates is not None:  # pooled over the task's templates above; each one's here
         result["per_template"] = templates
     if args.json:

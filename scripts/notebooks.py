@@ -74,6 +74,11 @@ def problems(path: Path) -> list[str]:
     if blind:
         out.append(f"{len(blind)} figure(s) without a PNG (static viewers show nothing): call "
                    "tvlens.plots.static_figures_in_notebooks() first")
+    leaks = [o for c in code for o in c.get("outputs", [])
+             if o.get("name") == "stderr" and "site-packages/" in "".join(o.get("text", ""))]
+    if leaks:
+        out.append(f"{len(leaks)} stderr output(s) from an installed library (a warning naming this "
+                   "machine's paths): silence it where tvlens imports that library")
     return out
 
 
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
     ap.add_argument("--check", action="store_true", help="only check that each is committed executed")
     args = ap.parse_args(argv)
-    paths = args.notebooks or NOTEBOOKS
+    paths = [p.resolve() for p in args.notebooks] or NOTEBOOKS
     if args.check:
         bad = {p: problems(p) for p in paths}
         for p, why in bad.items():

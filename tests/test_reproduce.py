@@ -305,6 +305,12 @@ def test_reports_of_separate_runs_merge_into_one(tmp_path, loader, capsys):
         newest = merge_reports(order, supersede=True)
         assert [r["verdict"] for r in newest["results"]] == ["does not reproduce"]
         assert newest["superseded"] == [f"tiny-icl/tiny made {merged['merged_from'][1]['created']}"]
+    # a merge of a merge keeps every original run (and what was superseded) as its provenance
+    (tmp_path / "newest.json").write_text(json.dumps(newest))
+    again = merge_reports([tmp_path / "newest.json", paths[0]])
+    assert [m["created"] for m in again["merged_from"]] == [m["created"] for m in newest["merged_from"]] + [
+        merged["merged_from"][0]["created"]]
+    assert again["superseded"] == newest["superseded"]
     out = tmp_path / "merged"
     assert main(["reproduce", "--merge", *map(str, paths), "--out", str(out), "--no-figures"]) == 0
     assert json.loads((out / "report.json").read_text())["results"] == merged["results"]

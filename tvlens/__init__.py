@@ -18,6 +18,7 @@ the interventions (:class:`ResidualEdit`, :class:`HeadPatch`, composed with ``+`
 its interval). See CONTRIBUTING.md.
 """
 
+import tvlens.progress  # noqa: F401  (first: tqdm.auto imported before any library that uses it)
 from tvlens.compat import warn_if_untested
 from tvlens.errors import TvlensError
 from tvlens.evaluation import EvalResult, evaluate

@@ -129,7 +129,15 @@ def _static_bytes(fig: go.Figure, fmt: str, scale: float) -> bytes:
     if defaults.headers:
         kopts["headers"] = dict(defaults.headers)
     try:
-        return kaleido.calc_fig_sync(fig_dict, opts=opts, topojson=defaults.topojson, kopts=kopts)
+        try:
+            return kaleido.calc_fig_sync(fig_dict, opts=opts, topojson=defaults.topojson, kopts=kopts)
+        except Exception as err:
+            # seen once on a loaded 2-core machine: kaleido's page ran the render before its own
+            # scripts had loaded ("ReferenceError: kaleido_scopes is not defined"); a fresh
+            # browser session then succeeds, so that one error is retried once
+            if "ReferenceError" not in str(err):
+                raise
+            return kaleido.calc_fig_sync(fig_dict, opts=opts, topojson=defaults.topojson, kopts=kopts)
     except Exception as err:  # kaleido reports a missing browser in several ways
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise TvlensError(

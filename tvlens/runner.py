@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tvlens.progress import tqdm
 
 from tvlens.errors import TvlensError
 from tvlens.interventions.base import Hook, as_intervention, intervention_hooks

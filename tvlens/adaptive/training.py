@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tvlens.progress import tqdm
 
 from tvlens.errors import TvlensError
 from tvlens.interventions import ResidualEdit

@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tvlens.progress import tqdm
 
 from tvlens.errors import TvlensError
 from tvlens.evaluation import evaluate

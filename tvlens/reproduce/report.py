@@ -77,7 +77,7 @@ class _Models:
 
 
 def _bar(total: int, desc: str, position: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from tvlens.progress import tqdm
 
     return tqdm(total=total, desc=desc, position=position, leave=position == 0, disable=not enabled)
 
@@ -262,8 +262,10 @@ def merge_reports(paths: Sequence[str | Path], *, supersede: bool = False) -> di
     return {"profile": first["profile"], "models": list(dict.fromkeys(asked)),
             "seeds": first["seeds"], "rule": first["rule"], "versions": first["versions"],
             "created": max(rep["created"] for _, rep in reports),
-            "merged_from": [{"report": path, "created": rep["created"],
-                             "results": [f"{r['finding']}/{r['model']}" for r in rep["results"]]}
-                            for path, rep in reports],
-            **({"superseded": superseded} if superseded else {}),
+            # a source that is itself a merge contributes its own sources (provenance kept)
+            "merged_from": [m for path, rep in reports for m in rep.get("merged_from") or
+                            [{"report": path, "created": rep["created"],
+                              "results": [f"{r['finding']}/{r['model']}" for r in rep["results"]]}]],
+            **({"superseded": [x for _, rep in reports for x in rep.get("superseded", [])] + superseded}
+               if superseded or any(rep.get("superseded") for _, rep in reports) else {}),
             "results": results}

@@ -38,6 +38,18 @@ from tvlens.evaluation import condition_accuracies, evaluate, resolve_template
 from tvlens.prompts import PromptSet
 
 
+def race(reference, fast, reps: int) -> tuple[dict[str, float], dict]:
+    """The fastest of ``reps`` interleaved runs of each path, and each path's last result."""
+    times: dict[str, list[float]] = {"reference": [], "fast": []}
+    results = {}
+    for _ in range(reps):
+        for name, fn in (("reference", reference), ("fast", fast)):
+            t = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    return {k: min(v) for k, v in times.items()}, results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="capitalize")
@@ -71,18 +83,12 @@ def main() -> None:
     def fast():
         return condition_accuracies(model, prompts, conditions)
 
-    times: dict[str, list[float]] = {"reference": [], "fast": []}
-    results = {}
-    for _ in range(args.reps):
-        for name, fn in (("reference", reference), ("fast", fast)):
-            t = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - t)
+    times, results = race(reference, fast, args.reps)
     same = results["fast"] == results["reference"]
     t = time.perf_counter()
     res = reinjection_test(model, task, vec, n=args.n)
     t_whole = time.perf_counter() - t
-    ref, new = min(times["reference"]), min(times["fast"])
+    ref, new = times["reference"], times["fast"]
     print(f"{args.task}, layer {vec.layers[0]}, n {args.n}, {len(conditions)} conditions, "
           f"{args.threads} threads; vector accuracy {res.accuracies['vector'].value:.3f}, "
           f"zero-shot {res.accuracies['zero_shot'].value:.3f}")
@@ -114,14 +120,8 @@ def sweep(model, task, args) -> None:
     def fast():
         return condition_accuracies(model, prompts, conditions, batch_size=16)
 
-    times: dict[str, list[float]] = {"reference": [], "fast": []}
-    results = {}
-    for _ in range(args.reps):
-        for name, fn in (("reference", reference), ("fast", fast)):
-            t = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - t)
-    ref, new = min(times["reference"]), min(times["fast"])
+    times, results = race(reference, fast, args.reps)
+    ref, new = times["reference"], times["fast"]
     print(f"layer sweep: icl-tv, hendel format, layers {layers[0]}..{layers[-1]} ({len(layers)}), "
           f"n {args.n} dev items")
     print(f"layers + zero-shot, one evaluate each : {ref:.1f} s")

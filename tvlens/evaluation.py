@@ -33,7 +33,7 @@ from tvlens.interventions.base import as_intervention, describe
 from tvlens.models.loading import fingerprint
 from tvlens.prompts import (Example, PromptSet, Template, build_examples, get_template,  # noqa: F401
                             make_examples, template_name)
-from tvlens.runner import run, run_variants
+from tvlens.runner import chunk_rows, chunks, for_rows, run, run_variants
 from tvlens.stats import Accuracy, accuracy
 from tvlens.tasks.task import Task
 
@@ -197,8 +197,6 @@ def condition_correct(model, prompts: PromptSet, conditions: dict, *, common=Non
     model with a Hugging Face KV cache the conditions that touch only the last token share
     one forward of the chunk's prefix (``prefix_cache``: ``"auto"``, ``True`` or ``False``, as
     there). Interventions holding one value per prompt are cut to each chunk (``for_rows``)."""
-    from tvlens.runner import chunk_rows, chunks, for_rows
-
     names = list(conditions)
     variants = [conditions[k] for k in names if conditions[k] is not None]
     batch = prompts.batch
@@ -207,7 +205,7 @@ def condition_correct(model, prompts: PromptSet, conditions: dict, *, common=Non
     for rows, part in zip(chunk_rows(B, batch_size), chunks(batch, batch_size)):
         out = run_variants(model, part, [for_rows(v, rows, B) for v in variants],
                            common=for_rows(as_intervention(common), rows, B),
-                           batch_size=max(batch_size, len(part)), prefix_cache=prefix_cache,
+                           batch_size=batch_size, prefix_cache=prefix_cache,
                            progress=progress, desc="conditions")
         base.append(out.base_prediction)
         preds.append(out.predictions)

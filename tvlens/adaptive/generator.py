@@ -154,8 +154,13 @@ class AdaptiveGenerator(nn.Module, Intervention):
         return PromptReading(self, position, self.scale if scale is None else check_scale(scale))
 
     def spec(self, xs: list[str], *, scale: float | None = None) -> ResidualEdit:
-        v = self.generate(xs).unsqueeze(2)  # [B, L, 1, d_model]
-        return ResidualEdit(self.layers, (self.config.position,), v, "add",
+        return self.edit(self.generate(xs), scale=scale)
+
+    def edit(self, v: Float[Tensor, "batch layer d_model"], *, position: str | None = None,
+             scale: float | None = None) -> ResidualEdit:
+        """The write of generated vectors ``v``: added at every target layer, at ``position``
+        (default: the config's), times λ (default: the trained one)."""
+        return ResidualEdit(self.layers, (position or self.config.position,), v.unsqueeze(2), "add",
                             self.scale if scale is None else check_scale(scale))
 
     def check_model(self, model) -> None:
@@ -275,23 +280,14 @@ class ScaledGenerator(Intervention):
         return self.gen.hooks(model, batch, scale=self.scale)
 
 
-class PromptReading(Intervention):
+class PromptReading(ScaledGenerator):
     """``gen`` reading each row's whole prompt text (:meth:`AdaptiveGenerator.reading_prompts`)."""
-
-    method = "atv"
 
     def __init__(self, gen: AdaptiveGenerator, position: str, scale: float):
         if position not in POSITIONS:
             raise TvlensError(f"unknown position {position!r}; use one of {POSITIONS}")
-        self.gen, self.position, self.scale = gen, position, scale
-
-    @property
-    def made_for(self) -> ModelFingerprint:
-        return self.gen.made_for
-
-    @property
-    def template(self) -> str:
-        return self.gen.template
+        super().__init__(gen, scale)
+        self.position = position
 
     @property
     def last_token_only(self) -> bool:
@@ -302,8 +298,8 @@ class PromptReading(Intervention):
 
     def hooks(self, model, batch: PromptBatch):
         self.gen.check_model(model)
-        v = self.gen.generate_texts(list(batch.prompts)).unsqueeze(2)  # [B, L, 1, d_model]
-        return ResidualEdit(self.gen.layers, (self.position,), v, "add", self.scale).hooks(model, batch)
+        v = self.gen.generate_texts(list(batch.prompts))
+        return self.gen.edit(v, position=self.position, scale=self.scale).hooks(model, batch)
 
 
 def _rng_fork(device):

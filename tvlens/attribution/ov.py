@@ -193,6 +193,7 @@ def _ov_terms(model, batch, layer, position, c, later, store, packaged) -> OVDec
     p = batch.position_index(position).to(dev)
     q = batch.position_index("last").to(dev)
     weighted, packaged_l, attn = [], [], []
+    post = post_norm_names(model) is not None  # Gemma-2/3's ln1_post, folded below
     for j in later:
         blk = model.blocks[j]
         w = norm_weight(model, blk.ln1)
@@ -203,7 +204,7 @@ def _ov_terms(model, batch, layer, position, c, later, store, packaged) -> OVDec
         a = store[f"blocks.{j}.attn.hook_pattern"].to(dev).float()[rows, :, q, p]  # [B, H]
         ov = einops.einsum(c[None] * w[None] / s[:, None], WV_h, WO, "b m, h m e, h e n -> b h n")
         pk = einops.einsum(c * w / s.mean(), WV_h, WO, "m, h m e, h e n -> h n")  # [H, d]
-        if post_norm_names(model) is not None:  # ln1_post at the θ run's scale at the query
+        if post:  # ln1_post at the θ run's scale at the query
             g = norm_gain(model, blk.ln1_post).to(dev)
             s_post = store[f"blocks.{j}.ln1_post.hook_scale"].to(dev).float()[rows, q, 0]  # [B]
             ov = ov * g / s_post[:, None, None]

@@ -35,6 +35,15 @@ def test_eval_templates_are_the_released_ones_cue_by_cue():
         atv_template(NATURAL[0], cue="Ans:")
 
 
+def test_every_atv_suite_task_has_natural_templates():
+    # else the reference recipe trains it on the single fallback template and the reference
+    # protocol evaluates it without the answer cues: both would silently not be ATV's
+    from tvlens.tasks.builtin import ATV_TRAIN_SUITE, ATV_UNSEEN_SUITE
+
+    for name in ATV_TRAIN_SUITE + ATV_UNSEEN_SUITE:
+        assert len(atv_eval_templates(name)) == 9, name
+
+
 def test_generator_reading_prompts_writes_the_prompts_own_vector_at_the_last_token(tiny, task):
     gen = make_generator(tiny, "native", texts=[x for x, _ in task.pairs] + ["tiny -> task"], init="default")
     ps = PromptSet.build(tiny, task, n=6, template="arrow")

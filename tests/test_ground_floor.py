@@ -234,6 +234,12 @@ def test_configs_round_trip_and_refuse_unknown_fields():
     add_config_flags(parser, LTVConfig)
     args = parser.parse_args(["--steps", "5", "--no-relative-lr", "--n-dev", "7"])
     assert config_from_args(LTVConfig, args) == LTVConfig(steps=5, relative_lr=False, n_dev=7)
+    # an Optional field can be set back to None from the command line ("none"), which a
+    # default like the CLI's n_per_task=32 otherwise makes unreachable
+    assert config_from_args(LTVConfig, parser.parse_args(["--n-dev", "None"]),
+                            base=LTVConfig(n_dev=7)) == LTVConfig(n_dev=None)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--n-dev", "all"])  # argparse: "invalid int value: 'all'"
 
 
 def test_contributing_example_runs(tiny, task):

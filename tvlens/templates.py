@@ -105,6 +105,15 @@ _ATV_TASK_TEXT: dict[str, tuple[str, str]] = {  # task: (instruction, question)
     "english_spanish": ("Translate the English word into Spanish.", "What is this word in Spanish?"),
     "present_past": ("Give the past tense of the verb.", "What is the past tense of this verb?"),
     "singular_plural": ("Give the plural of the noun.", "What is the plural of this word?"),
+    # the ATV classification suite (tvlens.tasks.builtin.ATV_TRAIN_SUITE / ATV_UNSEEN_SUITE)
+    "sentiment": ("Classify the sentiment of the review as positive or negative.",
+                  "Is the sentiment of this review positive or negative?"),
+    "language_id": ("Name the language the word is written in.", "What language is this word in?"),
+    "number_sign": ("Say whether the number is positive or negative.",
+                    "Is this number positive or negative?"),
+    "city_language": ("Name the language spoken in the city.", "What language is spoken in this city?"),
+    "french_category": ("Name the category the French word belongs to.",
+                        "What kind of thing does this French word name?"),
 }
 ATV_NATURAL: dict[str, tuple[str, ...]] = {
     name: (f"{instr}\n\nQuestion: {{x}}", f"{{x}}\nQuestion: {question}", f"{instr}\n\nQ: {{x}}")

@@ -14,7 +14,8 @@ each; ``target_template`` is spelt ``--template``, as in every verb) on top of a
 
 - ``--recipe fast`` (the default): λ = 1, zero init, last token, one template, shuffled
   batches of 16, with the CLI's quick-run defaults :data:`CLI_DEFAULTS` (1 epoch, 32 pairs
-  per task) on top — a generator in minutes on a CPU;
+  per task) on top — a generator in minutes on a CPU (``--n-per-task none``: every train
+  pair, the schedule ``tvlens reproduce``'s atv finding trains);
 - ``--recipe reference``: the released ATV code's rules (λ = 0.001, default init, every
   layer and position, each task's natural templates with the loss averaged over them,
   batch 1, 15 epochs, 90 pairs per task, fixed order; :mod:`tvlens.adaptive.config` lists

@@ -134,8 +134,27 @@ def add_config_flags(parser, cls: type[MethodConfig], *, skip: tuple[str, ...] =
             parser.add_argument(flag, dest=f.name, default=None, help=text + ", comma-separated")
         else:
             scalar = _scalar_type(kind)
+            if type(None) in typing.get_args(kind) and choices is None:
+                scalar, text = _or_none(scalar), text + "; 'none' for None"
             parser.add_argument(flag, dest=f.name, default=None, type=scalar, choices=choices,
                                 help=text)
+
+
+class _NoneFlag:
+    """What ``--flag none`` parses to: the field set to None (a flag left out is None)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+NONE_FLAG = _NoneFlag()
+
+
+def _or_none(scalar):
+    def parse(text: str):
+        return NONE_FLAG if text.strip().lower() == "none" else scalar(text)
+    parse.__name__ = scalar.__name__  # argparse names the type in its error message
+    return parse
 
 
 def _scalar_type(kind):
@@ -157,7 +176,9 @@ def config_from_args(cls: type[MethodConfig], args, base: MethodConfig | None = 
         value = getattr(args, f.name, None)
         if value is None:
             continue
-        if isinstance(value, str) and ("tuple" in str(hints[f.name]) or f.metadata.get("comma")):
+        if value is NONE_FLAG:
+            value = None
+        elif isinstance(value, str) and ("tuple" in str(hints[f.name]) or f.metadata.get("comma")):
             inner = typing.get_args(hints[f.name])
             conv = inner[0] if inner and inner[0] in (int, float) else str
             try:

@@ -17,6 +17,7 @@ from tvlens.reproduce.finding import (PROFILES, Context, Finding, PaperValue, ba
 from tvlens.reproduce.mechanisms import KEY_HEADS, OV_REINJECTION, ROTATION
 from tvlens.reproduce.verdicts import Claim
 from tvlens.stats import accuracy, proportion
+from tvlens.tasks.builtin import builtin_task_names
 
 
 # --- hendel-table -------------------------------------------------------------------------
@@ -24,8 +25,9 @@ from tvlens.stats import accuracy, proportion
 def _hendel_table(ctx: Context) -> dict:
     """Per task: the ICL task vector's layer is chosen on dev (``layer_sweep``), then
     zero-shot, task vector and 5-shot ICL are scored on the same test items, per format.
-    The claim's values pool the tasks' items (equal ``n_test`` per task: the mean over
-    tasks), with the bootstrap interval over items."""
+    The claim's values pool the tasks' test items (a task whose test split has fewer than
+    ``n_test`` items weighs less than in a mean over tasks), with the bootstrap interval
+    over items."""
     from tvlens import evaluate, layer_sweep, load_task
 
     s, model = ctx.settings, ctx.model
@@ -74,9 +76,7 @@ HENDEL = Finding(
     profiles={
         "quick": {"tasks": ["capitalize", "present_past", "antonym"], "formats": ["hendel", "arrow"],
                   "layers": [0.5, 0.6, 0.7, 0.8], "n_dev": 16, "n_test": 32},
-        "full": {"tasks": ["capitalize", "uppercase", "first_letter", "singular_plural",
-                           "present_past", "antonym", "country_capital", "english_french",
-                           "english_spanish", "country_language"],
+        "full": {"tasks": list(builtin_task_names()),
                  "formats": ["hendel", "fv", "arrow"], "layers": "middle_half",
                  "n_dev": 32, "n_test": 64},
     },

@@ -11,88 +11,31 @@ import torch
 import tvlens
 from tvlens import TaskVector, TvlensError
 from tvlens.activations import capture
-from tvlens.interventions import Freeze
 from tvlens.attribution import (
-    ablate_heads, ablation_effects, final_change, fit_linear_map, head_means, head_saliency,
-    key_head_analysis, ov_decomposition, parse_heads, polar, reinjection_test, rotation_scaling,
-    top_heads,
+    PLACEMENTS, ablate_heads, ablation_effects, final_change, fit_linear_map, head_means,
+    head_saliency, key_head_analysis, ov_decomposition, parse_heads, polar, reinjection_test,
+    rotation_scaling, top_heads,
 )
-from tvlens.attribution import (PLACEMENTS, FrozenAttention, Reinjection, norm_weight,  # issue 14
-                                path_terms)
-from tvlens.attribution.readout import norm_layout
 from tvlens.heads import all_heads
-from tvlens.interventions import HeadPatch
-from tvlens.prompts import PromptSet, make_examples, tokenize
+from tvlens.interventions import Freeze, HeadPatch
+from tvlens.prompts import make_examples, tokenize
 from tvlens.runner import answer_probs as answer_prob
 from tvlens.runner import last_token_logits
 from tvlens.tasks import Task
-
-
-def prompt_batch(model, task, **kwargs):
-    return PromptSet.build(model, task, **kwargs).batch
-
-
-def patch_hooks(model, batch, heads, mode="zero", means=None):
-    return HeadPatch.ablation(model, heads, mode, means).hooks(model, batch)
-
-
-def _vec(model, layer, position="last", mode="add", scale=1.0, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(model.cfg.d_model, generator=g) * 2
-    return TaskVector.single(model, v, layer, position, mode=mode, scale=scale)
-
-
-def _batch(model, task, n=4, shots=2):
-    return prompt_batch(model, task, n=n, shots=shots)
-
-
-def _decomposition_sums_back(model, batch, vec, atol):
-    """attn_out[l'][q] = Σ_h weighted_h + Σ_h rest_h + b_O, rest computed from resid − c."""
-    dec = ov_decomposition(model, batch, vec)
-    layer, pos = vec.layers[0], vec.positions[0]
-    c = vec.vectors[0, 0] * vec.scale
-    rows = torch.arange(len(batch))
-    p, q = batch.position_index(pos), batch.position_index("last")
-    H = model.cfg.n_heads
-    for i, j in enumerate(dec.later_layers):
-        names = [f"blocks.{j}.{n}" for n in ("hook_resid_pre", "ln1.hook_scale", "attn.hook_pattern",
-                                             "attn.hook_v", "hook_attn_out")]
-        with torch.no_grad():
-            st = capture(model, batch, names, vec.hooks(model, batch))
-        resid, s, A, v, out = (st[n] for n in names)
-        blk = model.blocks[j].attn
-        K = blk.W_V.shape[0]
-        # value at p from the residual with the injected value c removed, at the frozen scale
-        x_rest = (resid[rows, p] - c) / s[rows, p] * norm_weight(model, model.blocks[j].ln1)
-        b_V = blk.b_V if getattr(blk, "b_V", None) is not None else torch.zeros(K, blk.W_V.shape[-1])
-        v_rest_p = torch.einsum("bm,kmd->bkd", x_rest, blk.W_V) + b_V
-        v_h = v.repeat_interleave(H // K, dim=2)  # [B, T, H, dh]
-        vrp = v_rest_p.repeat_interleave(H // K, dim=1)
-        Aq = A[rows, :, q]  # [B, H, T]
-        z_other = torch.einsum("bht,bthd->bhd", Aq, v_h) - Aq[rows, :, p][..., None] * v_h[rows, p]
-        z_rest = z_other + Aq[rows, :, p][..., None] * vrp
-        rest = torch.einsum("bhd,hdm->bm", z_rest, blk.W_O)
-        if getattr(blk, "b_O", None) is not None:
-            rest = rest + blk.b_O
-        if norm_layout(model).post_norms:  # Gemma-3: ln1_post at the θ run's scale at q
-            name = f"blocks.{j}.ln1_post.hook_scale"
-            with torch.no_grad():
-                s_post = capture(model, batch, [name], vec.hooks(model, batch))[name][rows, q]
-            rest = rest * norm_weight(model, model.blocks[j].ln1_post) / s_post
-        total = dec.weighted[:, i].sum(1) + rest
-        torch.testing.assert_close(total, out[rows, q], atol=atol, rtol=0)
+from attribution_helpers import (assert_decomposition_sums_back, patch_hooks, prompt_batch,
+                                random_vector, small_batch)
 
 
 @pytest.mark.parametrize("mode,position,layer", [("add", "last", 0), ("add", -2, 0),
                                                  ("replace", "last", 1)])
 def test_ov_terms_sum_back_to_attention_output(tiny, task, mode, position, layer):
-    batch = _batch(tiny, task)
-    _decomposition_sums_back(tiny, batch, _vec(tiny, layer, position, mode, scale=1.5), 1e-4)
+    batch = small_batch(tiny, task)
+    assert_decomposition_sums_back(tiny, batch, random_vector(tiny, layer, position, mode, scale=1.5), 1e-4)
 
 
 def test_frozen_pattern_ov_term_is_exact_output_difference(tiny, task):
-    batch = _batch(tiny, task)
-    vec = _vec(tiny, 0, -2)  # p ≠ q, so the head reads θ through attention
+    batch = small_batch(tiny, task)
+    vec = random_vector(tiny, 0, -2)  # p ≠ q, so the head reads θ through attention
     dec = ov_decomposition(tiny, batch, vec)
     names = ["blocks.1.attn.hook_pattern", "blocks.1.ln1.hook_scale", "blocks.1.attn.hook_z"]
     with torch.no_grad():
@@ -109,8 +52,8 @@ def test_frozen_pattern_ov_term_is_exact_output_difference(tiny, task):
 
 
 def test_ov_dla_matches_logit_change_through_frozen_final_norm(tiny, task):
-    batch = _batch(tiny, task)
-    vec = _vec(tiny, 0)
+    batch = small_batch(tiny, task)
+    vec = random_vector(tiny, 0)
     dec = ov_decomposition(tiny, batch, vec)
     y = batch.first_answer_ids
     with torch.no_grad():
@@ -122,8 +65,8 @@ def test_ov_dla_matches_logit_change_through_frozen_final_norm(tiny, task):
 
 
 def test_saliency_matches_finite_difference(tiny, task):
-    batch = _batch(tiny, task)
-    vec = _vec(tiny, 0)
+    batch = small_batch(tiny, task)
+    vec = random_vector(tiny, 0)
     sal, attr = head_saliency(tiny, batch, vec)
     assert sal.shape == (3, 4) and torch.all(sal >= attr.abs() - 1e-7)
     rows, q = torch.arange(len(batch)), batch.position_index("last")
@@ -142,8 +85,8 @@ def test_saliency_matches_finite_difference(tiny, task):
 
 
 def test_no_ablation_and_self_mean_ablation_reproduce_baseline(tiny, task):
-    batch = _batch(tiny, task, n=1)
-    vec = _vec(tiny, 0)
+    batch = small_batch(tiny, task, n=1)
+    vec = random_vector(tiny, 0)
     hooks = vec.hooks(tiny, batch)
     with torch.no_grad():
         base = last_token_logits(tiny, batch, hooks)
@@ -162,7 +105,7 @@ def test_no_ablation_and_self_mean_ablation_reproduce_baseline(tiny, task):
 
 
 def test_zero_ablating_a_head_changes_only_what_flows_through_it(tiny, task):
-    batch = _batch(tiny, task)
+    batch = small_batch(tiny, task)
     names = ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z", "blocks.1.hook_resid_mid"]
     with torch.no_grad():
         a = capture(tiny, batch, names)
@@ -208,8 +151,8 @@ def _ablation_one_at_a_time(model, batch, vec, heads, mode, atol):
 
 
 def test_batched_exhaustive_ablation_equals_one_at_a_time(tiny, task):
-    batch = _batch(tiny, task, n=3)
-    vec = _vec(tiny, 0)
+    batch = small_batch(tiny, task, n=3)
+    vec = random_vector(tiny, 0)
     heads = [(0, 0), (0, 2), (1, 3), (2, 2), (2, 1)]  # two chunks of 3, the last one short
     for mode in ("mean", "zero"):
         # probabilities (<= 1) from float32 forwards of different batch shapes (9 vs 3
@@ -284,7 +227,7 @@ def test_key_head_analysis_and_ablate_heads(tiny, task):
 
 
 def test_reinjection_vector_accuracy_matches_evaluate(tiny, task):
-    vec = _vec(tiny, 0)
+    vec = random_vector(tiny, 0)
     out = reinjection_test(tiny, task, vec, n=6, batch_size=4).to_dict()
     ev = tvlens.evaluate(tiny, task, vector=vec, n=6)
     assert out["vector_accuracy"] == pytest.approx(ev.accuracy)
@@ -353,7 +296,7 @@ def _final_change_one_by_one(model, batch, vec, thetas):
 
 @pytest.mark.parametrize("mode,position", [("add", "last"), ("replace", -2)])
 def test_final_change_batched_equals_one_prompt_at_a_time(tiny, task, mode, position):
-    vec = _vec(tiny, 1, position, mode)
+    vec = random_vector(tiny, 1, position, mode)
     examples = [make_examples([q], task.train, shots=k, seed=k)[0]
                 for k, q in zip((0, 1, 2), task.test)]
     batch = tokenize(tiny, examples)  # 0, 1, 2 demos: left padding
@@ -370,8 +313,8 @@ def test_final_change_batched_equals_one_prompt_at_a_time(tiny, task, mode, posi
 
 
 def test_final_change_of_zero_added_vector_is_zero_and_geometry_runs(tiny, task):
-    vec = _vec(tiny, 1)
-    batch = _batch(tiny, task, n=3, shots=0)
+    vec = random_vector(tiny, 1)
+    batch = small_batch(tiny, task, n=3, shots=0)
     d = final_change(tiny, batch, vec, torch.zeros(5, tiny.cfg.d_model))
     # adding 0 changes no bit of the residual, but the injected run is a sub-batch of
     # another shape than the clean one (5 rows cycling over 3 prompts), so the two final
@@ -389,7 +332,7 @@ def test_final_change_of_zero_added_vector_is_zero_and_geometry_runs(tiny, task)
 def test_rotation_scaling_of_a_vector_at_the_last_layer_is_the_identity(tiny, task):
     """Added after the last block, θ' *is* the final change: Δ(θ') = θ', so the fitted map
     is I — no rotation (cos 1), no scaling (ratio 1), R² 1, and adding Wθ is adding θ."""
-    vec = _vec(tiny, tiny.cfg.n_layers - 1, scale=1.5)
+    vec = random_vector(tiny, tiny.cfg.n_layers - 1, scale=1.5)
     res = rotation_scaling(tiny, task, vec, n_copies=64, ridge=0.0, n=8, n_fit_prompts=4)
     out = res.to_dict()
     d = tiny.cfg.d_model
@@ -405,9 +348,9 @@ def test_rotation_scaling_of_a_vector_at_the_last_layer_is_the_identity(tiny, ta
 
 
 def test_bad_input(tiny, task):
-    batch = _batch(tiny, task)
+    batch = small_batch(tiny, task)
     with pytest.raises(TvlensError, match="last layer"):
-        ov_decomposition(tiny, batch, _vec(tiny, 2))
+        ov_decomposition(tiny, batch, random_vector(tiny, 2))
     with pytest.raises(TvlensError, match="out of range"):
         ablate_heads(tiny, task, [(1, 4)], n=2, shots=1)
     with pytest.raises(TvlensError, match="percent"):
@@ -415,12 +358,12 @@ def test_bad_input(tiny, task):
     with pytest.raises(TvlensError, match="percent"):
         key_head_analysis(tiny, task, None, percent=150)
     with pytest.raises(TvlensError, match="n_copies"):
-        rotation_scaling(tiny, task, _vec(tiny, 0), n_copies=20, ridge=0.0)
+        rotation_scaling(tiny, task, random_vector(tiny, 0), n_copies=20, ridge=0.0)
     with pytest.raises(TvlensError, match="LAYER.HEAD"):
         parse_heads("3-1")
     other = tvlens.tiny_model(d_vocab=tiny.cfg.d_vocab, n_layers=2, d_model=32, n_heads=4)
     with pytest.raises(TvlensError, match="made for"):
-        ov_decomposition(tiny, batch, _vec(other, 0))
+        ov_decomposition(tiny, batch, random_vector(other, 0))
 
 
 @pytest.mark.slow
@@ -428,7 +371,7 @@ def test_smol_ov_terms_sum_back_gqa(smol):
     task = tvlens.load_task("antonym")
     batch = prompt_batch(smol, task, n=2)
     vec = tvlens.icl_task_vector(smol, task, 26, n_prompts=4)
-    _decomposition_sums_back(smol, batch, vec, 1e-3)
+    assert_decomposition_sums_back(smol, batch, vec, 1e-3)
 
 
 def test_recovery_is_undefined_without_a_gain(tiny, task):
@@ -451,227 +394,3 @@ def test_attribution_results_have_frames(tiny, task):
     abl = res.ablation["zero"].to_frame().set_index("condition")
     assert abl.loc["ablated", "accuracy"] == d["ablate_key_accuracy"]
     assert list(abl.loc["baseline", ["ci_low", "ci_high"]]) == d["baseline_ci"]
-
-
-# ----- issue 14: like-for-like path terms, every placement, controls (ov.py) --------------
-def _last_logits(model, batch, iv, batch_size=None):
-    return tvlens.runner.run(model, batch, iv, logits="last", batch_size=batch_size,
-                             progress=False).last_logits
-
-
-@pytest.mark.parametrize("mode", ["add", "replace"])
-def test_direct_mlp_term_is_the_mlp_change_with_everything_else_frozen(tiny, task, mode):
-    """θ at layer 0 reaches MLP l' directly only through the residual: with the attention
-    outputs of blocks 1..l' and the MLP outputs of blocks 1..l'−1 frozen at their clean values,
-    MLP l''s input is x⁰ + δ, so its output change is exactly the direct MLP term."""
-    batch = _batch(tiny, task)
-    vec = _vec(tiny, 0, mode=mode, scale=1.5)
-    terms = path_terms(tiny, batch, vec)
-    rows, q = torch.arange(len(batch)), batch.position_index("last")
-    for i, j in enumerate(terms.later_layers):
-        frozen = [f"blocks.{k}.hook_attn_out" for k in range(1, j + 1)] + \
-                 [f"blocks.{k}.hook_mlp_out" for k in range(1, j)]
-        name = f"blocks.{j}.hook_mlp_out"
-        with torch.no_grad():
-            clean = capture(tiny, batch, [name])[name][rows, q]
-            fz = Freeze.record(tiny, batch, frozen)  # clean values
-            on = capture(tiny, batch, [name], (vec + fz).hooks(tiny, batch))[name][rows, q]
-        # float32, outputs of norm ~1: 1e-5 absolute is reduction-order noise
-        torch.testing.assert_close(terms.mlp_direct[:, i], on - clean, atol=1e-5, rtol=1e-5)
-        assert terms.mlp_direct[:, i].abs().max() > 1e-2  # not trivially zero
-    # the total change is a different quantity once earlier later-layers pass θ on
-    assert (terms.mlp_total[:, 1] - terms.mlp_direct[:, 1]).abs().max() > 1e-3
-    if mode == "add":  # δ is the injected value itself when added at the query
-        torch.testing.assert_close(terms.delta, (vec.vectors[0, 0] * vec.scale).expand(len(batch), -1))
-
-
-def test_direct_mlp_term_is_zero_when_the_vector_is_not_at_the_query(tiny, task):
-    batch = _batch(tiny, task)
-    terms = path_terms(tiny, batch, _vec(tiny, 0, -2))
-    assert torch.equal(terms.delta, torch.zeros_like(terms.delta))  # q's residual: same bits
-    assert torch.equal(terms.mlp_direct, torch.zeros_like(terms.mlp_direct))
-    assert terms.mlp_total.abs().max() > 1e-3  # θ still reaches the query's MLPs via heads
-
-
-def test_terms_reinjected_where_they_entered_reproduce_the_vector_run(tiny, task):
-    """θ at layer 1 (one later block, 2): with block 2's ln1 scale and pattern frozen at the θ
-    run's and its MLP output at the clean run's, the weighted OV terms added at hook_attn_out,
-    the total MLP change at hook_mlp_out and θ's own direct path after the last block rebuild
-    the θ run's final residual at the query, hence its logits."""
-    batch = _batch(tiny, task)
-    vec = _vec(tiny, 1)
-    terms = path_terms(tiny, batch, vec)
-    theta_frozen = Freeze.record(tiny, batch, ["blocks.2.ln1.hook_scale", "blocks.2.attn.hook_pattern"], vec)
-    clean_mlp = Freeze.record(tiny, batch, ["blocks.2.hook_mlp_out"])
-    direct = TaskVector.single(tiny, vec.vectors[0, 0] * vec.scale, 2)  # θ's residual path
-    rebuilt = [theta_frozen, clean_mlp, Reinjection(terms, "ov_weighted", "entry"),
-               Reinjection(terms, "mlp_total", "entry"), direct]
-    want = _last_logits(tiny, batch, vec)
-    # float32 logits of size ~10 after two norms: 1e-4 absolute
-    torch.testing.assert_close(_last_logits(tiny, batch, rebuilt), want, atol=1e-4, rtol=1e-5)
-    without_ov = _last_logits(tiny, batch, [p for p in rebuilt if getattr(p, "kind", "") != "ov_weighted"])
-    assert (without_ov - want).abs().max() > 1e-3  # the OV term is needed for the identity
-
-
-@pytest.mark.parametrize("position", ["last", -2])
-def test_every_placement_adds_its_terms_where_it_says(tiny, task, position):
-    """Each placement against hooks written here (the terms added at the named hook points and
-    rows' positions), and chunked (for_rows) against whole."""
-    batch = _batch(tiny, task)
-    vec = _vec(tiny, 0, position)
-    terms = path_terms(tiny, batch, vec)
-    rows, q = torch.arange(len(batch)), batch.position_index("last")
-    p = batch.position_index(position)
-
-    def adder(name, vals, cols):
-        def fn(act, hook=None):
-            act = act.clone()
-            act[rows, cols] += vals.to(act.dtype)
-            return act
-        return (name, fn)
-
-    for kind in ("ov_weighted", "ov_packaged", "mlp_direct", "mlp_total"):
-        t = terms.summed(kind)  # [B, 2, d]
-        site = "hook_attn_out" if kind.startswith("ov") else "hook_mlp_out"
-        expect = {"entry": [adder(f"blocks.{j}.{site}", t[:, i], q) for i, j in enumerate((1, 2))],
-                  "after_block": [adder(f"blocks.{j}.hook_resid_post", t[:, i], q) for i, j in enumerate((1, 2))],
-                  "final": [adder("blocks.2.hook_resid_post", t.sum(1), q)],
-                  "own": [adder("blocks.0.hook_resid_post", t.sum(1), p)]}
-        assert set(expect) == set(PLACEMENTS)
-        for placement, hooks in expect.items():
-            iv = Reinjection(terms, kind, placement)
-            got = _last_logits(tiny, batch, iv)
-            torch.testing.assert_close(got, _last_logits(tiny, batch, hooks), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(_last_logits(tiny, batch, iv, batch_size=3), got,
-                                       atol=1e-5, rtol=1e-5)
-            if kind != "mlp_direct" or position == "last":  # (zero when θ is not at q)
-                assert (got - _last_logits(tiny, batch, None)).abs().max() > 1e-4  # it acts
-
-
-def test_packaged_forms_and_weighted_terms_agree(tiny, task):
-    """weighted[b, h] = A[b, h] · (mean s / s[b]) · unweighted[h]; mean_attention[h] =
-    mean_b A[b, h] · unweighted[h]; unweighted[h] recomputed from W_V, W_O by hand."""
-    batch = _batch(tiny, task)
-    vec = _vec(tiny, 0, -2)
-    un = ov_decomposition(tiny, batch, vec)
-    ma = ov_decomposition(tiny, batch, vec, packaged="mean_attention")
-    rows, p = torch.arange(len(batch)), batch.position_index(-2)
-    with torch.no_grad():
-        st = capture(tiny, batch, [f"blocks.{j}.ln1.hook_scale" for j in (1, 2)], vec.hooks(tiny, batch))
-    c = vec.vectors[0, 0] * vec.scale
-    for i, j in enumerate((1, 2)):
-        s = st[f"blocks.{j}.ln1.hook_scale"][rows, p, 0]
-        ratio = (s.mean() / s)[:, None, None]
-        torch.testing.assert_close(un.weighted[:, i], un.attention[:, i, :, None] * ratio * un.packaged[i][None],
-                                   atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(ma.packaged[i], un.attention[:, i].mean(0)[:, None] * un.packaged[i],
-                                   atol=1e-6, rtol=1e-5)
-        attn = tiny.blocks[j].attn
-        h, kv = 3, 3 // (attn.W_O.shape[0] // attn.W_V.shape[0])  # GQA: head 3 reads KV head 1
-        by_hand = (c * norm_weight(tiny, tiny.blocks[j].ln1) / s.mean()) @ attn.W_V[kv] @ attn.W_O[h]
-        torch.testing.assert_close(un.packaged[i, h], by_hand, atol=1e-5, rtol=1e-5)
-    assert (un.packaged - ma.packaged).abs().max() > 1e-3
-
-
-
-
-def test_ov_and_mlp_terms_fold_the_rmsnorm_offset(task, make_hf_gemma):
-    """A norm that multiplies by 1 + w (Gemma; cfg.rmsnorm_uses_offset): the OV terms sum back
-    to the attention output, the frozen-pattern term is the head's output change, and the
-    direct MLP term is the MLP change with everything else frozen (the raw w would fail)."""
-    gemma = make_hf_gemma(task)
-    ln1 = gemma.blocks[1].ln1
-    assert gemma.cfg.rmsnorm_uses_offset and torch.equal(norm_weight(gemma, ln1), 1 + ln1.weight.detach())
-    batch = _batch(gemma, task)
-    vec = _vec(gemma, 0, -2)
-    _decomposition_sums_back(gemma, batch, vec, 1e-4)
-    dec = ov_decomposition(gemma, batch, vec)
-    names = ["blocks.1.attn.hook_pattern", "blocks.1.ln1.hook_scale", "blocks.1.attn.hook_z"]
-    with torch.no_grad():
-        on = capture(gemma, batch, names, vec.hooks(gemma, batch))
-        off = capture(gemma, batch, names[2:], Freeze.record(gemma, batch, names[:2], vec))
-    rows, q = torch.arange(len(batch)), batch.position_index("last")
-    diff = torch.einsum("bhd,hdm->bhm", (on[names[2]] - off[names[2]])[rows, q], gemma.blocks[1].attn.W_O)
-    torch.testing.assert_close(diff, dec.weighted[:, 0], atol=1e-5, rtol=1e-5)
-    # the same term with the raw w (what a hand-written x · w / rms would fold) is far off
-    c, attn = vec.vectors[0, 0] * vec.scale, gemma.blocks[1].attn
-    s1 = on["blocks.1.ln1.hook_scale"][rows, batch.position_index(-2), 0]
-    raw = torch.einsum("b,bm,hme,hen->bhn", torch.ones(len(batch)), c * ln1.weight.detach() / s1[:, None],
-                       attn.W_V.repeat_interleave(2, 0), attn.W_O) * dec.attention[:, 0, :, None]
-    assert (raw - diff).abs().max() > 100 * 1e-5
-    # the direct MLP term through Gemma's offset ln2, against the frozen forward
-    vec = _vec(gemma, 0)
-    terms = path_terms(gemma, batch, vec)
-    with torch.no_grad():
-        name = "blocks.1.hook_mlp_out"
-        clean = capture(gemma, batch, [name])[name][rows, q]
-        fz = Freeze.record(gemma, batch, ["blocks.1.hook_attn_out"])
-        on = capture(gemma, batch, [name], (vec + fz).hooks(gemma, batch))[name][rows, q]
-    torch.testing.assert_close(terms.mlp_direct[:, 0], on - clean, atol=1e-5, rtol=1e-5)
-
-
-def test_controls_subtract_the_ov_terms_and_freeze_the_patterns(tiny, task):
-    batch = _batch(tiny, task)
-    vec = _vec(tiny, 1)
-    terms = path_terms(tiny, batch, vec)
-    rows, q = torch.arange(len(batch)), batch.position_index("last")
-    name = "blocks.2.hook_attn_out"
-    with torch.no_grad():
-        on = capture(tiny, batch, [name], vec.hooks(tiny, batch))[name][rows, q]
-        minus = vec + Reinjection(terms, "ov_weighted", "entry", sign=-1.0)
-        off = capture(tiny, batch, [name], minus.hooks(tiny, batch))[name][rows, q]
-    # block 2 is the only later block: the subtraction leaves exactly the rest of its output
-    torch.testing.assert_close(on - off, terms.ov.weighted[:, 0].sum(1), atol=1e-5, rtol=1e-5)
-    # frozen attention, chunked, against the clean patterns frozen over the whole batch
-    vec0 = _vec(tiny, 0)
-    terms0 = path_terms(tiny, batch, vec0)
-    whole = Freeze.record(tiny, batch, ["blocks.1.attn.hook_pattern", "blocks.2.attn.hook_pattern"])
-    want = _last_logits(tiny, batch, vec0 + whole)
-    got = _last_logits(tiny, batch, vec0 + FrozenAttention(terms0), batch_size=3)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert (want - _last_logits(tiny, batch, vec0)).abs().max() > 1e-4
-
-
-def test_bad_reinjection_input(tiny, task):
-    batch = _batch(tiny, task)
-    vec = _vec(tiny, 0)
-    terms = path_terms(tiny, batch, vec)
-    with pytest.raises(TvlensError, match="unknown placement 'resid'.*entry, final, own, after_block"):
-        Reinjection(terms, "ov_weighted", "resid")
-    with pytest.raises(TvlensError, match="unknown placement"):
-        reinjection_test(tiny, task, vec, n=2, placements=["final", "everywhere"])
-    with pytest.raises(TvlensError, match="unknown term kind 'mlp'"):
-        Reinjection(terms, "mlp")
-    with pytest.raises(TvlensError, match="unknown packaged form"):
-        path_terms(tiny, batch, vec, packaged="paper")
-    with pytest.raises(TvlensError, match="other prompts"):
-        _last_logits(tiny, _batch(tiny, task, n=4, shots=1), Reinjection(terms, "mlp_direct"))
-
-
-@pytest.mark.slow
-def test_smol_direct_mlp_term_and_reinjection_identity(smol):
-    """On SmolLM2 (GQA, 30 layers), a vector at layer 28: the direct MLP term of block 29 is
-    its MLP change with its attention frozen clean, and the terms re-injected where they
-    entered (block 29's scale and pattern frozen at the θ run's, its MLP at the clean run's)
-    plus θ after the last block rebuild the θ run's logits."""
-    task = tvlens.load_task("antonym")
-    batch = prompt_batch(smol, task, n=3, template="qa")
-    g = torch.Generator().manual_seed(0)
-    vec = TaskVector.single(smol, torch.randn(smol.cfg.d_model, generator=g) * 4, 28)
-    terms = path_terms(smol, batch, vec)
-    rows, q = torch.arange(len(batch)), batch.position_index("last")
-    name = "blocks.29.hook_mlp_out"
-    with torch.no_grad():
-        clean = capture(smol, batch, [name])[name][rows, q]
-        fz = Freeze.record(smol, batch, ["blocks.29.hook_attn_out"])
-        on = capture(smol, batch, [name], (vec + fz).hooks(smol, batch))[name][rows, q]
-    # float32: SmolLM2's residual has entries of ~10², so x⁰ + δ added in another order than the
-    # forward's (h + c) + attn differs by ~1e-5 per entry; through ln2 and the MLP: 1e-3
-    torch.testing.assert_close(terms.mlp_direct[:, 0], on - clean, atol=1e-3, rtol=1e-3)
-    rebuilt = [Freeze.record(smol, batch, ["blocks.29.ln1.hook_scale", "blocks.29.attn.hook_pattern"], vec),
-               Freeze.record(smol, batch, [name]), Reinjection(terms, "ov_weighted", "entry"),
-               Reinjection(terms, "mlp_total", "entry"),
-               TaskVector.single(smol, vec.vectors[0, 0], 29)]
-    # logits of size ~20 after the final norm: 1e-3 absolute in float32
-    torch.testing.assert_close(_last_logits(smol, batch, rebuilt), _last_logits(smol, batch, vec),
-                               atol=1e-3, rtol=1e-4)

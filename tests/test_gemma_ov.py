@@ -18,7 +18,7 @@ from tvlens.attribution import Reinjection, norm_weight, ov_decomposition, path_
 from tvlens.attribution import readout
 from tvlens.interventions import Freeze
 
-from test_attribution import _batch, _decomposition_sums_back, _last_logits, _vec
+from attribution_helpers import assert_decomposition_sums_back, last_logits, random_vector, small_batch
 
 
 @pytest.fixture
@@ -30,15 +30,15 @@ def gemma3(task, make_hf_gemma):
 
 @pytest.mark.parametrize("position", ["last", -2])
 def test_gemma3_ov_terms_sum_back_through_the_post_attention_norm(gemma3, task, position):
-    _decomposition_sums_back(gemma3, _batch(gemma3, task), _vec(gemma3, 0, position, scale=1.5), 1e-4)
+    assert_decomposition_sums_back(gemma3, small_batch(gemma3, task), random_vector(gemma3, 0, position, scale=1.5), 1e-4)
 
 
 def test_gemma3_frozen_ov_term_is_the_heads_residual_change(gemma3, task):
     """Block 1's pattern, ln1 scale and ln1_post scale frozen at the θ run's: each head's
     change of what enters the residual, (Δz @ W_O) ⊙ g' / s', is its weighted term; without
     the post-norm fold it is not."""
-    batch = _batch(gemma3, task)
-    vec = _vec(gemma3, 0, -2)
+    batch = small_batch(gemma3, task)
+    vec = random_vector(gemma3, 0, -2)
     dec = ov_decomposition(gemma3, batch, vec)
     names = ["blocks.1.attn.hook_pattern", "blocks.1.ln1.hook_scale", "blocks.1.ln1_post.hook_scale",
              "blocks.1.attn.hook_z"]
@@ -59,8 +59,8 @@ def test_gemma3_direct_mlp_term_and_reinjection_identity(gemma3, task):
     re-injected where they entered, with block 2's scales (ln1, ln1_post) and pattern frozen
     at the θ run's and its MLP at the clean run's, plus θ after the last block, rebuild the θ
     run's logits."""
-    batch = _batch(gemma3, task)
-    vec = _vec(gemma3, 1)
+    batch = small_batch(gemma3, task)
+    vec = random_vector(gemma3, 1)
     terms = path_terms(gemma3, batch, vec)
     rows, q = torch.arange(len(batch)), batch.position_index("last")
     name = "blocks.2.hook_mlp_out"
@@ -74,9 +74,9 @@ def test_gemma3_direct_mlp_term_and_reinjection_identity(gemma3, task):
     rebuilt = [Freeze.record(gemma3, batch, frozen, vec), Freeze.record(gemma3, batch, [name]),
                Reinjection(terms, "ov_weighted", "entry"), Reinjection(terms, "mlp_total", "entry"),
                TaskVector.single(gemma3, vec.vectors[0, 0] * vec.scale, 2)]
-    want = _last_logits(gemma3, batch, vec)
+    want = last_logits(gemma3, batch, vec)
     # float32 logits after three norms and Gemma's soft-cap: 1e-4 absolute
-    torch.testing.assert_close(_last_logits(gemma3, batch, rebuilt), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(last_logits(gemma3, batch, rebuilt), want, atol=1e-4, rtol=1e-5)
     res = tvlens.attribution.reinjection_test(gemma3, task, vec, n=4).to_dict()
     assert set(res["conditions"]) >= {"ov_weighted@entry", "mlp_direct@final", "minus_ov"}
 
@@ -86,11 +86,11 @@ def test_post_norms_it_cannot_fold_are_refused(gemma3, task, monkeypatch):
     partial = dataclasses.replace(lay, post_norms=("blocks.0.ln1_post",))
     monkeypatch.setattr(readout, "norm_layout", lambda model: partial)
     with pytest.raises(TvlensError, match="only some layers have a ln1_post norm"):
-        path_terms(gemma3, _batch(gemma3, task), _vec(gemma3, 0))
+        path_terms(gemma3, small_batch(gemma3, task), random_vector(gemma3, 0))
     other = dataclasses.replace(lay, post_norms=lay.post_norms + ("blocks.1.ln3_post",))
     monkeypatch.setattr(readout, "norm_layout", lambda model: other)
     with pytest.raises(TvlensError, match=r"ln1_post, ln2_post\) only.*blocks.1.ln3_post"):
-        path_terms(gemma3, _batch(gemma3, task), _vec(gemma3, 0))
+        path_terms(gemma3, small_batch(gemma3, task), random_vector(gemma3, 0))
 
 
 @pytest.mark.slow
@@ -107,4 +107,4 @@ def test_gemma3_270m_ov_terms_sum_back():
     vec = TaskVector.single(model, 40 * torch.randn(model.cfg.d_model, generator=g), 14)
     # float32: Gemma's large post-norm gains give attention outputs of up to ~2·10³, and
     # reordered float32 sums differ by ~1e-6 of that (measured 1.5e-3 at most): 5e-3
-    _decomposition_sums_back(model, batch, vec, 5e-3)
+    assert_decomposition_sums_back(model, batch, vec, 5e-3)

@@ -19,6 +19,7 @@ from tvlens.heads import all_heads
 from tvlens.interventions import HeadPatch
 from tvlens.prompts import PromptSet
 from tvlens.tasks import Task
+from attribution_helpers import random_vector
 
 
 def _gray(model, task, alpha, layer=0):
@@ -31,11 +32,6 @@ def _gray(model, task, alpha, layer=0):
     (gid,) = model.tokenizer.encode(" gray", add_special_tokens=False)
     u = model.W_U[:, gid].detach()
     return gray, TaskVector.single(model, alpha * u / u.norm(), layer)
-
-
-def _vec(model, layer, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return TaskVector.single(model, torch.randn(int(model.cfg.d_model), generator=g) * 2, layer)
 
 
 def _histogram_of(heads, n_layers):
@@ -60,7 +56,7 @@ def test_select_key_heads_ranks_only_the_given_heads():
 
 @pytest.mark.parametrize("layer", [0, 1])
 def test_default_ranking_never_returns_a_head_at_or_before_the_injection_layer(tiny, task, layer):
-    vec = _vec(tiny, layer)
+    vec = random_vector(tiny, layer)
     L, H = int(tiny.cfg.n_layers), int(tiny.cfg.n_heads)
     assert injection_layer(vec) == layer
     assert readable_heads(tiny, vec) == [(l2, h) for l2 in range(layer + 1, L) for h in range(H)]
@@ -121,7 +117,7 @@ def test_ablation_result_uses_layer_matched_draws_scored_by_evaluate(tiny, task)
 
 
 def test_histogram_sums_to_k_and_shows_in_dict_frame_and_figure(tiny, task):
-    vec = _vec(tiny, 0)
+    vec = random_vector(tiny, 0)
     res = key_head_analysis(tiny, task, vec, percent=50, n=6, random_control=1, modes=("zero",),
                             ground_truth=True, icl=False)
     d = res.to_dict()
@@ -182,7 +178,7 @@ def test_plain_icl_ablation_is_ablate_heads_on_k_shot_prompts_without_the_vector
 
 
 def test_bad_key_heads_for_a_vector_at_the_last_layer(tiny, task):
-    last = _vec(tiny, int(tiny.cfg.n_layers) - 1)
+    last = random_vector(tiny, int(tiny.cfg.n_layers) - 1)
     with pytest.raises(TvlensError, match="last layer: no later head can read it.*rank='all'"):
         key_head_analysis(tiny, task, last, n=4, random_control=0, ground_truth=False)
     with pytest.raises(TvlensError, match="last layer"):
@@ -194,7 +190,7 @@ def test_bad_key_heads_for_a_vector_at_the_last_layer(tiny, task):
     with pytest.raises(TvlensError, match="cannot tell which layer"):
         injection_layer(HeadPatch.zero(tiny, [(0, 0)]))
     with pytest.raises(TvlensError, match="to_frame takes"):
-        key_head_analysis(tiny, task, _vec(tiny, 0), n=4, random_control=0, modes=("zero",),
+        key_head_analysis(tiny, task, random_vector(tiny, 0), n=4, random_control=0, modes=("zero",),
                           ground_truth=False, icl=False).to_frame("layer")
     # rank='all' is allowed, and says that every key head comes before the vector
     res = key_head_analysis(tiny, task, last, n=4, random_control=0, modes=("zero",),
@@ -209,7 +205,7 @@ def test_cli_key_heads_and_ablate_heads_rank_after_the_vector(tiny, task, tmp_pa
     monkeypatch.setattr(tvlens.models, "load_model", lambda *a, **k: tiny)
     task_file = tmp_path / "tiny.json"
     task_file.write_text(json.dumps({"pairs": [list(p) for p in task.pairs]}))
-    vec = str(_vec(tiny, 1).save(tmp_path / "v.safetensors"))
+    vec = str(random_vector(tiny, 1).save(tmp_path / "v.safetensors"))
     assert main(["attribute", "key-heads", "--task", str(task_file), "--vector", vec, "--n", "4",
                  "--random-control", "1", "--shots", "2", "--top", "50", "--no-ground-truth",
                  "--json"]) == 0
@@ -223,8 +219,8 @@ def test_cli_key_heads_and_ablate_heads_rank_after_the_vector(tiny, task, tmp_pa
     assert all(sorted(layer for layer, _ in pick) == [2, 2] for pick in ab["random_heads"])
     batch = PromptSet.build(tiny, task, n=4).batch
     sal = head_saliency(tiny, batch, TaskVector.load(vec, tiny))[0]
-    assert [list(h) for h in select_key_heads(sal, 50, readable_heads(tiny, _vec(tiny, 1)))] == ab["heads"]
-    last = str(_vec(tiny, 2).save(tmp_path / "last.safetensors"))
+    assert [list(h) for h in select_key_heads(sal, 50, readable_heads(tiny, random_vector(tiny, 1)))] == ab["heads"]
+    last = str(random_vector(tiny, 2).save(tmp_path / "last.safetensors"))
     assert main(["ablate-heads", "--task", str(task_file), "--vector", last, "--top", "10%",
                  "--n", "2"]) != 0
     assert "last layer: no later head can read it" in capsys.readouterr().err

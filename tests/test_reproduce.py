@@ -33,7 +33,7 @@ def _rule(claims, runs):
             return v["value"], v["ci_low"], v["ci_high"]
 
         if len(runs) == 1:
-            (lv, ll, lh), (rv, rl, rh) = side(runs[0], left), side(runs[0], right)
+            (_, ll, lh), (_, rl, rh) = side(runs[0], left), side(runs[0], right)
             lo, hi = ll - rh, lh - rl
         else:
             d = np.array([side(r, left)[0] - side(r, right)[0] for r in runs])

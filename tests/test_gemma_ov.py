@@ -30,7 +30,8 @@ def gemma3(task, make_hf_gemma):
 
 @pytest.mark.parametrize("position", ["last", -2])
 def test_gemma3_ov_terms_sum_back_through_the_post_attention_norm(gemma3, task, position):
-    assert_decomposition_sums_back(gemma3, small_batch(gemma3, task), random_vector(gemma3, 0, position, scale=1.5), 1e-4)
+    vec = random_vector(gemma3, 0, position, scale=1.5)
+    assert_decomposition_sums_back(gemma3, small_batch(gemma3, task), vec, 1e-4)
 
 
 def test_gemma3_frozen_ov_term_is_the_heads_residual_change(gemma3, task):

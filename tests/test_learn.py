@@ -370,7 +370,9 @@ def test_composition_reports_exact_match_and_single_vector_controls(tiny, upper_
     tag = Task("tag", tuple((w.upper(), f"{w.upper()} yes") for w in WORDS))
     kw = dict(steps=20, dev_every=10, n_dev=4, lr=0.1, progress=False)
     df = composition(tiny, upper_task, tag, 1, template="arrow", **kw)
-    assert list(df["name"]) == ["zero-shot", "θ_upper", "θ_tag", "θ_upper + θ_tag", "ICL 5-shot"]
+    assert list(df["name"]) == ["zero-shot", "θ_upper", "θ_tag", "θ_upper + θ_tag", "ICL 5-shot",
+                                "θ_upper on upper", "θ_tag on tag"]
+    assert list(df["task"]) == ["upper+tag"] * 5 + ["upper", "tag"]
     # the same training (same seed and settings: the same bits), decoded by hand
     va = learn_task_vector(tiny, upper_task, [1], template="arrow", **kw)
     vb = learn_task_vector(tiny, tag, [1], template="arrow", **kw)
@@ -389,6 +391,16 @@ def test_composition_reports_exact_match_and_single_vector_controls(tiny, upper_
         # an exact match has its first token right: exact match <= first-token accuracy
         assert row["exact_match"] <= row["accuracy"] + 1e-12
         assert row["n"] == len(batch)
+    # the positive controls: each vector on its own task's test prompts, decoded by hand
+    for name, task, vec in (("θ_upper on upper", upper_task, va), ("θ_tag on tag", tag, vb)):
+        own = PromptSet.build(tiny, task, split="test", template="arrow").batch
+        gen = greedy_answers(tiny, own, vec.hooks(tiny, own))
+        row = df.set_index("name").loc[name]
+        assert row["exact_match"] == pytest.approx(np.mean([g == a for g, a in zip(gen, own.answer_ids)]),
+                                                   abs=1e-12), name
+        assert row["accuracy"] == pytest.approx(np.mean([g[0] == a[0] for g, a in zip(gen, own.answer_ids)]),
+                                                abs=1e-12), name
+        assert row["n"] == len(own)
     rows = df.set_index("name")
     # θ_upper's own answer "W" is the first token of every composed answer "W yes";
     # tag covers no lowercase input: nothing to compare

@@ -311,6 +311,16 @@ def test_reports_of_separate_runs_merge_into_one(tmp_path, loader, capsys):
     assert [m["created"] for m in again["merged_from"]] == [m["created"] for m in newest["merged_from"]] + [
         merged["merged_from"][0]["created"]]
     assert again["superseded"] == newest["superseded"]
+    # superseding a result of a merged report names the run that made it, not the merge
+    for name, created, src in (("other", "3500-01-01T00:00:00", paths[0]),
+                               ("later", "4000-01-01T00:00:00", paths[1])):
+        rep = json.loads(src.read_text())
+        rep["created"] = created
+        (tmp_path / f"{name}.json").write_text(json.dumps(rep))
+    (tmp_path / "wider.json").write_text(json.dumps(
+        merge_reports([tmp_path / "newest.json", tmp_path / "other.json"])))  # made 3500
+    third = merge_reports([tmp_path / "wider.json", tmp_path / "later.json"], supersede=True)
+    assert third["superseded"][-1] == "tiny-icl/tiny made 2999-01-01T00:00:00"
     out = tmp_path / "merged"
     assert main(["reproduce", "--merge", *map(str, paths), "--out", str(out), "--no-figures"]) == 0
     assert json.loads((out / "report.json").read_text())["results"] == merged["results"]

@@ -140,14 +140,18 @@ def composition(model, first: str | Task, second: str | Task, layer: int, *, n: 
     every row also has **exact match**: greedy decoding of the whole answer
     (:func:`tvlens.forward.greedy_answers`, as many tokens as the answer), correct only
     if every token is. θ_A and θ_B alone are the controls: a composition that works has
-    θ_A + θ_B's exact match above both.
+    θ_A + θ_B's exact match above both. Two more rows, ``θ_A on A`` and ``θ_B on B``
+    (each vector zero-shot on its own task's test split, first ``n``), are the positive
+    controls: they show whether each vector does its own task, so that a sum that fails
+    is told apart from vectors that never worked.
 
     Returns one row per condition: ``name, accuracy, ci_low, ci_high, n`` (first token),
     ``exact_match, em_low, em_high`` (greedy, every token; the same bootstrap interval,
     :func:`tvlens.stats.accuracy`), ``shared_first_token`` / ``n_shared`` (the single-
     vector rows: the fraction of composed items whose first token equals that of the
     vector's own task applied to x — what that vector can score at the first token
-    without composing; :func:`shared_first_token`), ``task``, ``layer``.
+    without composing; :func:`shared_first_token`), ``task`` (the task the row is
+    scored on), ``layer``.
     """
     ta = load_task(first) if isinstance(first, str) else first
     tb = load_task(second) if isinstance(second, str) else second
@@ -157,21 +161,26 @@ def composition(model, first: str | Task, second: str | Task, layer: int, *, n: 
     vb = learn_task_vector(model, tb, [layer], template=tmpl, seed=seed, **train_kwargs)
     ps = PromptSet.build(model, tc, split="test", n=n, template=tmpl, seed=seed)
 
-    def row(name, vector=None, shots=0, control: Task | None = None):
-        kw = dict(prompts=ps) if shots == 0 else dict(shots=shots, n=n, template=tmpl)
-        res = evaluate(model, tc, vector=vector, exact_match=True, seed=seed, progress=False, **kw)
+    def row(name, vector=None, shots=0, control: Task | None = None, task: Task = tc):
+        if task is not tc:
+            kw = dict(split="test", n=n, template=tmpl)
+        else:
+            kw = dict(prompts=ps) if shots == 0 else dict(shots=shots, n=n, template=tmpl)
+        res = evaluate(model, task, vector=vector, exact_match=True, seed=seed, progress=False, **kw)
         em = accuracy(res.records["exact_match"].to_numpy(dtype=float), seed=seed)
         shared, n_shared = (shared_first_token(model, ps, control) if control is not None
                             else (float("nan"), 0))
         return _row(name, res, exact_match=em.value, em_low=em.ci_low, em_high=em.ci_high,
-                    shared_first_token=shared, n_shared=n_shared)
+                    shared_first_token=shared, n_shared=n_shared, task=task.name)
 
     rows = [row("zero-shot"),
             row(f"θ_{ta.name}", va, control=ta),
             row(f"θ_{tb.name}", vb, control=tb),
             row(f"θ_{ta.name} + θ_{tb.name}", va + vb),
-            row(f"ICL {icl_shots}-shot", shots=icl_shots)]
-    return pd.DataFrame(rows).assign(task=tc.name, layer=layer)
+            row(f"ICL {icl_shots}-shot", shots=icl_shots),
+            row(f"θ_{ta.name} on {ta.name}", va, task=ta),
+            row(f"θ_{tb.name} on {tb.name}", vb, task=tb)]
+    return pd.DataFrame(rows).assign(layer=layer)
 
 
 def extractors(include_fv: bool = True, template: str = "arrow") -> dict[str, Callable]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tvlens.errors import TvlensError
-from tvlens.io import read_json, versions, write_json, write_text
+from tvlens.io import read_json, versions, write_json
 from tvlens.reproduce.findings import PROFILES, Context, Finding, get_findings
 from tvlens.reproduce.verdicts import RULE, aggregate, judge
 
@@ -219,6 +219,14 @@ def read_report(path: str | Path) -> dict:
     return report
 
 
+def _made(report: dict, key: tuple[str, str]) -> str:
+    """When ``report``'s result for ``key`` (finding, model) was made: its own ``created``,
+    or, for a merged report, that of the newest source run listing it."""
+    listed = [m["created"] for m in report.get("merged_from") or []
+              if f"{key[0]}/{key[1]}" in m["results"]]
+    return max(listed) if listed else report["created"]
+
+
 def merge_reports(paths: Sequence[str | Path], *, supersede: bool = False) -> dict:
     """One report holding every result of the reports at ``paths`` (module docstring).
 
@@ -252,7 +260,7 @@ def merge_reports(paths: Sequence[str | Path], *, supersede: bool = False) -> di
                                       "with different results; merge reports of different findings "
                                       "or models, or pass --supersede to keep the newest")
                 superseded.append(f"{key[0]}/{key[1]} made {made[key]}")
-            by_key[key], made[key] = r, rep["created"]
+            by_key[key], made[key] = r, _made(rep, key)
             if r["model"] not in models:
                 models.append(r["model"])
     order = {fid: i for i, fid in enumerate(f.id for f in get_findings())}

@@ -327,9 +327,9 @@ TVP = Finding(
                   "tv_at_layer_with_tvp", "tv_at_layer_without_tvp"),
             Claim("TVP raises ICL accuracy on held-out tasks (OOD)", "ood_icl_with_tvp",
                   "ood_icl_without_tvp")),
-    # full: 3× the default preset's 800 steps; at 800 the layer-ℓ vector is still emerging
-    # (docs/results/history/tvp.md: 0.40 at step 600, 0.80 at 800) and one seed in three
-    # has not yet learned ICL (0.55), so the comparison would be of unfinished runs
+    # full: 3× the default preset's 800 steps; at 800 one seed in three has not learned ICL
+    # (0.55) and another's layer-ℓ vector is still rising (0.36 at 800, 0.99 at 1600;
+    # docs/results/history/tvp.md), so the comparison would be of unfinished runs
     profiles={"quick": {"preset": "tiny"}, "full": {"preset": "default", "steps": 2400}},
     measure=_tvp,
     figure=figures.tvp_figure,

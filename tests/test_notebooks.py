@@ -48,7 +48,8 @@ CHECKS = {
         # even 20 steps lift capitalize above zero-shot; the prefix-cached gradient equals the
         # full one up to float32 reduction order (measured ~1e-7 relative)
         lambda v: v["ltv"] > v["zero"] and v["loss_gap"] < 1e-5 and v["grad_gap"] < 1e-4
-        and v["steps"] <= 20 and len(v["methods"]) == 6 and len(v["composition"]) == 5),
+        and v["steps"] <= 20 and len(v["methods"]) == 6 and len(v["composition"]) == 7
+        and v["composition"][-2:] == ["θ_present_past on present_past", "θ_capitalize on capitalize"]),
     "attribution": (
         "{'key_heads': len(kh.key_heads), 'later': min(h[0] for h in kh.key_heads) > LAYER,"
         " 'n_after': (model.cfg.n_layers - 1 - LAYER) * model.cfg.n_heads, 'percent': PERCENT,"

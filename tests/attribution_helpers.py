@@ -8,9 +8,9 @@ import torch
 import tvlens
 from tvlens import TaskVector
 from tvlens.activations import capture
-from tvlens.attribution import norm_weight, ov_decomposition
+from tvlens.attribution import Reinjection, norm_weight, ov_decomposition
 from tvlens.attribution.readout import norm_layout
-from tvlens.interventions import HeadPatch
+from tvlens.interventions import Freeze, HeadPatch
 from tvlens.prompts import PromptSet
 
 
@@ -74,3 +74,23 @@ def assert_decomposition_sums_back(model, batch, vec, atol):
             rest = rest * norm_weight(model, model.blocks[j].ln1_post) / s_post
         total = dec.weighted[:, i].sum(1) + rest
         torch.testing.assert_close(total, out[rows, q], atol=atol, rtol=0)
+
+
+def assert_terms_rebuild_the_vector_run(model, batch, vec, terms, block, frozen, *, mlp_tol,
+                                        logit_atol, logit_rtol):
+    """θ before the last block ``block``: the direct MLP term is that block's MLP change with
+    its attention output frozen clean; and the terms re-injected where they entered (the
+    ``frozen`` scales and pattern at the θ run's, the MLP at the clean run's) plus θ after
+    the last block rebuild the θ run's last-token logits."""
+    rows, q = torch.arange(len(batch)), batch.position_index("last")
+    name = f"blocks.{block}.hook_mlp_out"
+    with torch.no_grad():
+        clean = capture(model, batch, [name])[name][rows, q]
+        fz = Freeze.record(model, batch, [f"blocks.{block}.hook_attn_out"])
+        on = capture(model, batch, [name], (vec + fz).hooks(model, batch))[name][rows, q]
+    torch.testing.assert_close(terms.mlp_direct[:, 0], on - clean, atol=mlp_tol, rtol=mlp_tol)
+    rebuilt = [Freeze.record(model, batch, frozen, vec), Freeze.record(model, batch, [name]),
+               Reinjection(terms, "ov_weighted", "entry"), Reinjection(terms, "mlp_total", "entry"),
+               TaskVector.single(model, vec.vectors[0, 0] * vec.scale, block)]
+    torch.testing.assert_close(last_logits(model, batch, rebuilt), last_logits(model, batch, vec),
+                               atol=logit_atol, rtol=logit_rtol)

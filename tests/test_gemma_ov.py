@@ -14,11 +14,12 @@ import torch
 import tvlens
 from tvlens import TaskVector, TvlensError
 from tvlens.activations import capture
-from tvlens.attribution import Reinjection, norm_weight, ov_decomposition, path_terms
+from tvlens.attribution import norm_weight, ov_decomposition, path_terms
 from tvlens.attribution import readout
 from tvlens.interventions import Freeze
 
-from attribution_helpers import assert_decomposition_sums_back, last_logits, random_vector, small_batch
+from attribution_helpers import (assert_decomposition_sums_back, assert_terms_rebuild_the_vector_run,
+                                random_vector, small_batch)
 
 
 @pytest.fixture
@@ -63,21 +64,11 @@ def test_gemma3_direct_mlp_term_and_reinjection_identity(gemma3, task):
     batch = small_batch(gemma3, task)
     vec = random_vector(gemma3, 1)
     terms = path_terms(gemma3, batch, vec)
-    rows, q = torch.arange(len(batch)), batch.position_index("last")
-    name = "blocks.2.hook_mlp_out"
-    with torch.no_grad():
-        clean = capture(gemma3, batch, [name])[name][rows, q]
-        fz = Freeze.record(gemma3, batch, ["blocks.2.hook_attn_out"])
-        on = capture(gemma3, batch, [name], (vec + fz).hooks(gemma3, batch))[name][rows, q]
-    torch.testing.assert_close(terms.mlp_direct[:, 0], on - clean, atol=1e-5, rtol=1e-5)
-    assert terms.mlp_direct.abs().max() > 1e-2
     frozen = ["blocks.2.ln1.hook_scale", "blocks.2.ln1_post.hook_scale", "blocks.2.attn.hook_pattern"]
-    rebuilt = [Freeze.record(gemma3, batch, frozen, vec), Freeze.record(gemma3, batch, [name]),
-               Reinjection(terms, "ov_weighted", "entry"), Reinjection(terms, "mlp_total", "entry"),
-               TaskVector.single(gemma3, vec.vectors[0, 0] * vec.scale, 2)]
-    want = last_logits(gemma3, batch, vec)
     # float32 logits after three norms and Gemma's soft-cap: 1e-4 absolute
-    torch.testing.assert_close(last_logits(gemma3, batch, rebuilt), want, atol=1e-4, rtol=1e-5)
+    assert_terms_rebuild_the_vector_run(gemma3, batch, vec, terms, 2, frozen, mlp_tol=1e-5,
+                                        logit_atol=1e-4, logit_rtol=1e-5)
+    assert terms.mlp_direct.abs().max() > 1e-2
     res = tvlens.attribution.reinjection_test(gemma3, task, vec, n=4).to_dict()
     assert set(res["conditions"]) >= {"ov_weighted@entry", "mlp_direct@final", "minus_ov"}
 

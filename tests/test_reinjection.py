@@ -12,8 +12,8 @@ from tvlens.activations import capture
 from tvlens.attribution import (PLACEMENTS, FrozenAttention, Reinjection, norm_weight, ov_decomposition,
                                 path_terms, reinjection_test)
 from tvlens.interventions import Freeze
-from attribution_helpers import (assert_decomposition_sums_back, last_logits, prompt_batch,
-                                random_vector, small_batch)
+from attribution_helpers import (assert_decomposition_sums_back, assert_terms_rebuild_the_vector_run,
+                                last_logits, prompt_batch, random_vector, small_batch)
 
 
 # ----- issue 14: like-for-like path terms, every placement, controls (ov.py) --------------
@@ -217,19 +217,9 @@ def test_smol_direct_mlp_term_and_reinjection_identity(smol):
     g = torch.Generator().manual_seed(0)
     vec = TaskVector.single(smol, torch.randn(smol.cfg.d_model, generator=g) * 4, 28)
     terms = path_terms(smol, batch, vec)
-    rows, q = torch.arange(len(batch)), batch.position_index("last")
-    name = "blocks.29.hook_mlp_out"
-    with torch.no_grad():
-        clean = capture(smol, batch, [name])[name][rows, q]
-        fz = Freeze.record(smol, batch, ["blocks.29.hook_attn_out"])
-        on = capture(smol, batch, [name], (vec + fz).hooks(smol, batch))[name][rows, q]
     # float32: SmolLM2's residual has entries of ~10², so x⁰ + δ added in another order than the
-    # forward's (h + c) + attn differs by ~1e-5 per entry; through ln2 and the MLP: 1e-3
-    torch.testing.assert_close(terms.mlp_direct[:, 0], on - clean, atol=1e-3, rtol=1e-3)
-    rebuilt = [Freeze.record(smol, batch, ["blocks.29.ln1.hook_scale", "blocks.29.attn.hook_pattern"], vec),
-               Freeze.record(smol, batch, [name]), Reinjection(terms, "ov_weighted", "entry"),
-               Reinjection(terms, "mlp_total", "entry"),
-               TaskVector.single(smol, vec.vectors[0, 0], 29)]
-    # logits of size ~20 after the final norm: 1e-3 absolute in float32
-    torch.testing.assert_close(last_logits(smol, batch, rebuilt), last_logits(smol, batch, vec),
-                               atol=1e-3, rtol=1e-4)
+    # forward's (h + c) + attn differs by ~1e-5 per entry; through ln2 and the MLP: 1e-3.
+    # Logits of size ~20 after the final norm: 1e-3 absolute
+    assert_terms_rebuild_the_vector_run(
+        smol, batch, vec, terms, 29, ["blocks.29.ln1.hook_scale", "blocks.29.attn.hook_pattern"],
+        mlp_tol=1e-3, logit_atol=1e-3, logit_rtol=1e-4)

@@ -38,7 +38,11 @@ def _rule(claims, runs):
         else:
             d = np.array([side(r, left)[0] - side(r, right)[0] for r in runs])
             half = sps.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-            lo, hi = d.mean() - half, d.mean() + half
+            own_lo = np.mean([side(r, left)[1] - side(r, right)[2] for r in runs])
+            own_hi = np.mean([side(r, left)[2] - side(r, right)[1] for r in runs])
+            r_lo, r_hi = (right, right) if isinstance(right, float) else (0.0, 1.0)
+            lo = max(min(d.mean() - half, own_lo), 0.0 - r_hi)  # rates: left in [0, 1]
+            hi = min(max(d.mean() + half, own_hi), 1.0 - r_lo)
         outcomes.append("holds" if lo > 0 else "fails" if hi < 0 else "unclear")
     if all(o == "holds" for o in outcomes):
         return outcomes, "reproduces"
@@ -79,6 +83,55 @@ def test_rule_edge_cases():
         verdict([])
     with pytest.raises(TvlensError, match="did not measure"):
         judge([Claim("x > y", "x", "y")], [{"x": {"value": 1, "ci_low": 1, "ci_high": 1}}])
+
+
+def test_seed_interval_is_never_narrower_than_the_seeds_own_and_stays_in_range():
+    from tvlens.stats import replicate_interval
+
+    # three seeds that agree to the digit (shared items): the items' error remains
+    agree = replicate_interval([0.95] * 3, own=[(0.85, 1.0)] * 3, bounds=(0.0, 1.0))
+    assert (agree.ci_low, agree.ci_high) == (0.85, 1.0)
+    assert replicate_interval([0.95] * 3).ci_high == pytest.approx(0.95, abs=1e-12)  # zero width
+    # a spread rate: Student-t alone leaves [0, 1]; the range cuts it, the mean stays
+    spread = [0.211, 0.600, 0.998]
+    half = sps.t.ppf(0.975, 2) * np.std(spread, ddof=1) / math.sqrt(3)
+    assert np.mean(spread) + half > 1 and np.mean(spread) - half < 0
+    rate = replicate_interval(spread, own=[(v - 0.03, v + 0.03) for v in spread], bounds=(0.0, 1.0))
+    assert (rate.ci_low, rate.ci_high) == (0.0, 1.0) and rate.value == pytest.approx(np.mean(spread))
+    # the seeds' spread, when wider than their own intervals, is kept as it is
+    wide = replicate_interval([0.4, 0.5, 0.6], own=[(v - 0.01, v + 0.01) for v in (0.4, 0.5, 0.6)],
+                              bounds=(0.0, 1.0))
+    assert wide.ci_low == pytest.approx(0.5 - sps.t.ppf(0.975, 2) * 0.1 / math.sqrt(3))
+    # NaN own bounds (a majority baseline has none) are left out; one seed gives its own
+    assert replicate_interval([0.3, 0.4], own=[(float("nan"), float("nan"))] * 2).ci_low < 0.3
+    one = replicate_interval([0.5], own=[(0.3, 0.7)])
+    assert (one.ci_low, one.ci_high) == (0.3, 0.7)
+    with pytest.raises(TvlensError, match="outside its declared range"):
+        replicate_interval([0.5, 1.5], bounds=(0.0, 1.0))
+
+
+def test_report_intervals_use_each_values_range():
+    from tvlens.reproduce.mechanisms import ROTATION
+    from tvlens.reproduce.verdicts import aggregate, difference
+
+    assert ROTATION.value_range("rotation_cos_early") == (-1.0, 1.0)
+    assert ROTATION.value_range("scale_ratio_late") == (0.0, math.inf)
+    assert ROTATION.value_range("fit_r2_layer9") == (-math.inf, 1.0)
+    assert ROTATION.value_range("vector_accuracy") == (0.0, 1.0)  # undeclared: a rate
+    runs = [{"scale_ratio_late": {"value": v, "ci_low": v - 1, "ci_high": v + 1},
+             "rotation_cos_late": {"value": c, "ci_low": c - 0.1, "ci_high": c + 0.1},
+             "rotation_cos_early": {"value": -c, "ci_low": -c - 0.1, "ci_high": -c + 0.1}}
+            for v, c in ((3.0, 0.95), (2.5, 0.2), (3.5, 0.99))]
+    agg = aggregate(runs, ROTATION.value_range)
+    assert agg["scale_ratio_late"]["ci_high"] > 3.5  # a ratio is not cut at 1
+    assert -1.0 <= agg["rotation_cos_late"]["ci_low"] and agg["rotation_cos_late"]["ci_high"] == 1.0
+    d = difference(Claim("late > early", "rotation_cos_late", "rotation_cos_early"), runs,
+                   ROTATION.value_range)
+    assert d["ci_high"] == 2.0 and d["ci_low"] >= -2.0  # cos − cos lies in [−2, 2]
+    constant = difference(Claim("late > 0.5", "rotation_cos_late", 0.5), runs, ROTATION.value_range)
+    assert constant["ci_high"] == 0.5  # 1 − 0.5
+    with pytest.raises(TvlensError, match="outside its declared range"):
+        aggregate(runs)  # as rates, a ratio of 3 is out of range: declared wrongly, not clipped
 
 
 def test_profile_layers_fit_any_depth(tiny):

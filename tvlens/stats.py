@@ -10,7 +10,8 @@ Two interval methods, chosen by what is known about the scores:
   emergence runs log accuracy and n, not records).
 
 - ``replicate_interval(values)``: the Student-t interval of the mean of independent
-  replicates (one value per seed of a whole experiment, as ``tvlens reproduce`` reports).
+  replicates (one value per seed of a whole experiment, as ``tvlens reproduce`` reports),
+  never narrower than the replicates' own intervals and within the quantity's range.
 
 ``accuracy(scores)`` returns an :class:`Accuracy` (value, interval, n); every analysis
 that reports a rate calls it, so ablated, re-injected and random-control accuracies carry
@@ -19,6 +20,7 @@ intervals computed the same way as ``evaluate``'s.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,17 +100,49 @@ def proportion(p: float, n: int, *, confidence: float = CONFIDENCE) -> Accuracy:
     return Accuracy(float(p), lo, hi, int(n), "exact")
 
 
-def replicate_interval(values: Sequence[float], *, confidence: float = CONFIDENCE) -> Accuracy:
-    """The mean of independent replicates (e.g. one value per seed) with its Student-t
-    interval ``mean ± t_{(1+c)/2, n-1} · sd / √n``; one replicate gives a NaN interval
-    (nothing is known about the spread from one run)."""
+def replicate_interval(values: Sequence[float], *,
+                       own: Sequence[tuple[float, float]] | None = None,
+                       bounds: tuple[float, float] = (-math.inf, math.inf),
+                       confidence: float = CONFIDENCE) -> Accuracy:
+    """The mean of independent replicates (e.g. one value per seed) with its interval.
+
+    The interval is the Student-t interval ``mean ± t_{(1+c)/2, n-1} · sd / √n``, then
+
+    - widened to cover ``own``, the replicates' own intervals averaged bound by bound
+      (``[mean of lows, mean of highs]``): replicates that share their evaluation items
+      do not show the items' sampling error in their spread, so three seeds that agree to
+      the digit must not give a zero-width interval; NaN own bounds are left out;
+    - intersected with ``bounds``, the range the quantity can take (``[0, 1]`` for a
+      rate): the true mean lies in it, so the intersection keeps the coverage.
+
+    One replicate gives its own interval (NaN without ``own``: one run says nothing about
+    the spread). A value outside ``bounds`` is an error, not clipped: the range was
+    declared wrongly.
+    """
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         raise TvlensError("no replicates to average")
+    low, high = (float(b) for b in bounds)
+    outside = x[(x < low) | (x > high)]
+    if outside.size:
+        raise TvlensError(f"replicate value {outside[0]:g} lies outside its declared range "
+                          f"[{low:g}, {high:g}]; declare the quantity's real range")
     mean = float(x.mean())
-    if x.size == 1:
-        return Accuracy(mean, float("nan"), float("nan"), 1, "t")
-    from scipy.stats import t
+    lo = hi = float("nan")
+    if x.size > 1:
+        from scipy.stats import t
 
-    half = float(t.ppf((1 + confidence) / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
-    return Accuracy(mean, mean - half, mean + half, int(x.size), "t")
+        half = float(t.ppf((1 + confidence) / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+        lo, hi = mean - half, mean + half
+    if own is not None:
+        own_lows, own_highs = np.asarray(own, dtype=float).reshape(-1, 2).T
+        own_lows, own_highs = own_lows[~np.isnan(own_lows)], own_highs[~np.isnan(own_highs)]
+        if own_lows.size:
+            lo = float(np.fmin(lo, own_lows.mean()))  # fmin/fmax: a NaN t-bound yields
+        if own_highs.size:
+            hi = float(np.fmax(hi, own_highs.mean()))  # to the own bound
+    if not math.isnan(lo):
+        lo = max(lo, low)
+    if not math.isnan(hi):
+        hi = min(hi, high)
+    return Accuracy(mean, lo, hi, int(x.size), "t")

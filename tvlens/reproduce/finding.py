@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tvlens.errors import TvlensError
-from tvlens.reproduce.verdicts import Claim
+from tvlens.reproduce.verdicts import RATE, Claim
 from tvlens.stats import Accuracy
 
 PROFILES = ("quick", "full")
@@ -52,6 +52,12 @@ class Finding:
     measure: Callable[[Context], dict]
     figure: Callable[[dict], Any] | None = None
     synthetic: bool = False  # trains its own model from scratch: run once, not per model
+    ranges: tuple[tuple[str, tuple[float, float]], ...] = ()  # (name prefix, range); else a rate
+
+    def value_range(self, name: str) -> tuple[float, float]:
+        """The range a value can take: the first declared prefix of ``name``, else a rate's
+        ``[0, 1]`` (the seeds' interval is kept within it, :mod:`~tvlens.reproduce.verdicts`)."""
+        return next((r for prefix, r in self.ranges if name.startswith(prefix)), RATE)
 
     def settings(self, profile: str) -> dict[str, Any]:
         if profile not in self.profiles:

@@ -4,6 +4,8 @@ public functions."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from tvlens.reproduce import figures
@@ -214,4 +216,6 @@ ROTATION = Finding(
     },
     measure=_rotation_scaling,
     figure=figures.rotation_figure,
+    ranges=(("rotation_cos", (-1.0, 1.0)), ("scale_ratio", (0.0, math.inf)),
+            ("fit_r2", (-math.inf, 1.0))),
 )

@@ -155,13 +155,13 @@ def assemble(findings: Sequence[Finding], parts: dict, *, models: Sequence[str],
             refused = next((r["refused"] for r in runs if "refused" in r), None)
             values = [r["values"] for r in runs]
             judged = ({"claims": [], "verdict": "refused"} if refused
-                      else judge(finding.claims, values))
+                      else judge(finding.claims, values, finding.value_range))
             results.append({
                 "finding": finding.id, "title": finding.title, "model": model,
                 "paper": {"claim": finding.paper,
                           "values": {k: {"value": v.value, "source": v.source}
                                      for k, v in finding.paper_values.items()}},
-                "values": {} if refused else aggregate(values), "claims": judged["claims"],
+                "values": {} if refused else aggregate(values, finding.value_range), "claims": judged["claims"],
                 "verdict": judged["verdict"], "refused": refused,
                 "settings": finding.settings(profile), "seeds": list(range(len(runs))),
                 "tables": runs[0].get("tables", {}), "extra": runs[0].get("extra", {}),
